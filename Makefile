@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make demo` (the main job end to end) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# llama.cpp is built portable (AVX2/FMA/F16C, no host-specific AMX path: see runtimes/llamacpp_runtime.py).
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[all,test]'
+	touch $@
+
+demo: install
+	$(BIN)/nima-edge quickstart
+
+test: install
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf runs artifacts data .pytest_cache

@@ -1,0 +1,1 @@
+"""The latency suite (nima_edge.benchmarks once installed)."""

@@ -1,0 +1,96 @@
+"""Checkpoints are Hugging Face directories: config.json (LlamaForCausalLM), model.safetensors,
+tokenizer.json, tokenizer_config.json, generation_config.json, plus nima.json for our metadata.
+Written atomically as a whole directory; never pickled.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nima_edge.atomic import atomic_dir, sha256_file
+from nima_edge.config import ModelConfig
+from nima_edge.errors import NimaError
+from nima_edge.model import NimaForCausalLM
+from nima_edge.tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, Tokenizer
+
+REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def _json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def state_dict_for_save(model: NimaForCausalLM) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")  # shared with embed_tokens; HF drops it too
+    return sd
+
+
+def save(out_dir: str | Path, model: NimaForCausalLM, tokenizer: Tokenizer, meta: dict | None = None,
+         extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write the checkpoint directory; the old one (if any) is replaced only once the new one is complete."""
+    cfg = model.config
+    with atomic_dir(out_dir) as tmp:
+        _json(tmp / "config.json", cfg.to_hf())
+        save_file(state_dict_for_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp / "tokenizer.json")
+        _json(tmp / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+            "pad_token": PAD, "add_bos_token": True, "add_eos_token": False,
+            "model_max_length": cfg.max_position_embeddings, "chat_template": CHAT_TEMPLATE,
+        })
+        _json(tmp / "generation_config.json", {
+            "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+            "max_length": cfg.max_position_embeddings, "do_sample": False,
+        })
+        _json(tmp / "nima.json", {"tokenizer": tokenizer.kind, "dropout": cfg.dropout, **(meta or {})})
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return Path(out_dir)
+
+
+def read_meta(ckpt_dir: str | Path) -> dict:
+    p = Path(ckpt_dir) / "nima.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def checkpoint_hash(ckpt_dir: str | Path) -> str:
+    """sha256 of the weights file: the identity of a checkpoint in manifests."""
+    return sha256_file(Path(ckpt_dir) / "model.safetensors")
+
+
+def load(ckpt_dir: str | Path, device: str = "cpu") -> tuple[NimaForCausalLM, Tokenizer]:
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise NimaError(f"checkpoint {ckpt} does not exist or is not a directory",
+                        "pass a checkpoint directory written by nima-edge train (it holds config.json)")
+    for name in REQUIRED:
+        if not (ckpt / name).is_file():
+            raise NimaError(f"checkpoint {ckpt} has no {name}", "re-save the checkpoint; it is incomplete")
+    try:
+        cfg = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise NimaError(f"{ckpt / 'config.json'} is not valid JSON: {e}", "re-save the checkpoint") from e
+    cfg.dropout = read_meta(ckpt).get("dropout", 0.0)
+    try:
+        sd = load_file(str(ckpt / "model.safetensors"), device=device)
+    except (SafetensorError, OSError) as e:
+        raise NimaError(f"{ckpt / 'model.safetensors'} is corrupt or truncated: {e}",
+                        "restore it from a good copy or re-train; a partial download also looks like this") from e
+    model = NimaForCausalLM(cfg).to(device)
+    if cfg.tie_word_embeddings:
+        sd.setdefault("lm_head.weight", sd.get("model.embed_tokens.weight"))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise NimaError(f"{ckpt} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]})",
+                        "the weights and config come from different models; re-save the checkpoint")
+    tok = Tokenizer.from_file(ckpt / "tokenizer.json")
+    if tok.vocab_size > cfg.vocab_size:
+        raise NimaError(f"tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}",
+                        "the tokenizer.json belongs to another model")
+    return model.eval(), tok

@@ -1,0 +1,53 @@
+"""Shared fixtures: a prepared Shakespeare data set and a briefly trained tiny checkpoint.
+
+Built once per test session in a temp dir (about 15 s); no network, no hub downloads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not present (the standard small corpus beside the checkout)")
+    return SHAKESPEARE
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory, shakespeare_path) -> Path:
+    from nima_edge.data import prepare
+    out = tmp_path_factory.mktemp("data") / "char"
+    prepare(str(shakespeare_path), out, "char")
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_data(tmp_path_factory, shakespeare_path) -> Path:
+    from nima_edge.data import prepare
+    out = tmp_path_factory.mktemp("data") / "bpe"
+    prepare(str(shakespeare_path), out, "bpe", vocab_size=512)
+    return out
+
+
+def _train(data: Path, out: Path, preset: str, steps: int) -> Path:
+    from nima_edge.train.trainer import TrainConfig, train
+    train(data, out, TrainConfig(preset=preset, max_steps=steps, batch_size=16, context=64, lr=3e-3,
+                                 warmup_steps=20, eval_every=10_000, eval_windows=8), log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, char_data) -> Path:
+    """nima-0.5m, char tokenizer, trained 200 steps: peaked enough logits for greedy-agreement tests."""
+    return _train(char_data, tmp_path_factory.mktemp("ckpt") / "tiny-char", "nima-0.5m", 200)
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_ckpt(tmp_path_factory, bpe_data) -> Path:
+    return _train(bpe_data, tmp_path_factory.mktemp("ckpt") / "tiny-bpe", "nima-0.5m", 100)

@@ -1,0 +1,1 @@
+"""The trainer (nima_edge.train once installed)."""
