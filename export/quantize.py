@@ -7,12 +7,13 @@ from it is the reference that quantized artifacts are verified against.
 Conventions (the contract with the exporters):
 - Groups run along the input dimension: weight [out, in] -> [out, in // group, group].
 - dequant = (code - zero) * scale, codes and zeros uint8, scales fp32 holding fp16-exact values.
-- Symmetric grids are llama.cpp's, so GGUF packing is exact:
-    4-bit (Q4_0): scale = x_absmax_signed / -8 (may be NEGATIVE: the element of largest magnitude
-           maps to code 0, so all 16 levels are used), zero = 8, codes 0..15.
-    8-bit (Q8_0): scale = absmax / 127 (>= 0), zero = 128, codes 1..255 (qs = code - 128 in -127..127).
-- Asymmetric: scale = (max - min) / (2**bits - 1) >= 0 over a range that includes 0, zero = round(-min / scale).
-- Scales are rounded to fp16 BEFORE codes are computed, so fp16 containers reproduce the reference exactly.
+- Symmetric grids fit llama.cpp's blocks, so GGUF packing is exact:
+    4-bit (Q4_0, (q - 8) * d): zero = 8, codes 0..15; scale = absmax / 8 when the group's extreme
+           element is negative (it lands on code 0), absmax / 7 when it is positive (code 15).
+    8-bit (Q8_0, qs * d): scale = absmax / 127, zero = 128, codes 1..255 (qs = code - 128 in -127..127).
+- Asymmetric: scale = (max - min) / (2**bits - 1) over a range that includes 0, zero = round(-min / scale).
+- Every scale is positive (XNNPACK rejects others; an all-zero group gets scale 1) and rounded to
+  fp16 BEFORE codes are computed, so fp16 containers reproduce the reference exactly.
 - Embeddings and lm_head stay float (not part of the result): for these small vocabularies they are a
   small share of the weights, and keeping them float keeps the output distribution close to fp32 on
   every target. Only the decoder linears (q/k/v/o, gate/up/down) are quantized.
@@ -23,6 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
@@ -83,28 +85,34 @@ def grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, tor
     qmax = 2 ** bits - 1
     if symmetric:
         zero = torch.full((w.shape[0],), 2 ** (bits - 1), dtype=torch.float32, device=w.device)
-        if bits == 4:  # llama.cpp Q4_0: the signed extreme maps to -8, so the grid spans all 16 codes
-            idx = w.abs().argmax(dim=1, keepdim=True)
-            scale = w.gather(1, idx).squeeze(1) / -8.0
-        else:  # llama.cpp Q8_0
-            scale = w.abs().amax(dim=1) / 127.0
+        amax = w.abs().amax(dim=1)
+        if bits == 4:
+            # Codes -8..7: a negative extreme lands exactly on -8 (step amax/8), a positive one on +7
+            # (step amax/7). llama.cpp gets the finer step for both signs with a negative scale, but
+            # XNNPACK rejects scales that are not positive, so the sign stays in the codes.
+            extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+            scale = torch.where(extreme < 0, amax / 8.0, amax / 7.0)
+        else:  # llama.cpp Q8_0: codes -127..127
+            scale = amax / 127.0
     else:
         lo = w.amin(dim=1).clamp(max=0.0)
         hi = w.amax(dim=1).clamp(min=0.0)
         scale = (hi - lo) / qmax
         scale16 = scale.half().float()
-        zero = torch.where(scale16 != 0, torch.round(-lo / scale16.where(scale16 != 0, 1.0)), 0.0).clamp(0, qmax)
+        zero = torch.round(-lo / scale16.where(scale16 != 0, 1.0)).clamp(0, qmax)
     scale = scale.half().float()  # fp16 first: codes are computed against the scale that gets stored
+    scale = torch.where(scale == 0, 1.0, scale)  # an all-zero group: any positive scale codes it exactly
     if not torch.isfinite(scale).all():
         raise NimaError("a weight group's scale overflows fp16", "the checkpoint holds huge or non-finite weights")
     return scale, zero
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   symmetric: bool) -> torch.Tensor:
     """Codes (float, integral) of `w` [rows, cols] on the grid (scale, zero) given per row."""
     scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    inv = torch.where(scale != 0, 1.0 / scale.where(scale != 0, 1.0), 0.0)  # a zero group stays at its zero
-    return torch.clamp(torch.round(w.float() * inv) + zero, 0, 2 ** bits - 1)
+    lowest = 1 if symmetric and bits == 8 else 0  # Q8_0 (and symmetric int8 kernels) use -127..127
+    return torch.clamp(torch.round(w.float() / scale) + zero, lowest, 2 ** bits - 1)
 
 
 def rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = True) -> QuantizedWeight:
@@ -114,7 +122,7 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
     out, n = weight.shape
     groups = weight.detach().float().reshape(out * n // group_size, group_size)
     scale, zero = grid(groups, bits, symmetric)
-    codes = quantize_codes(groups, scale, zero, bits)
+    codes = quantize_codes(groups, scale, zero, bits, symmetric)
     return QuantizedWeight(codes=codes.to(torch.uint8).reshape(out, n),
                            scales=scale.reshape(out, n // group_size),
                            zeros=zero.to(torch.uint8).reshape(out, n // group_size),
@@ -192,3 +200,63 @@ def fake_quant_model(ckpt_dir: str | Path) -> tuple[NimaForCausalLM, Tokenizer]:
         raise NimaError(f"{ckpt_dir} carries no quantization result ({QUANT_JSON})",
                         f"run: nima-edge quantize {ckpt_dir} --bits 4 --group 32 --out DIR")
     return apply_quant(model, qweights).eval(), tok
+
+
+def calibration_windows(data, samples: int, length: int, seed: int = 0) -> torch.Tensor:
+    """`samples` windows of `length` tokens from the train split, BOS first like training (deterministic)."""
+    from nima_edge.evaluate import windows
+    tokens = data.tokens("train")
+    if len(tokens) <= length:
+        raise NimaError(f"the train split holds {len(tokens)} tokens, fewer than one {length}-token window",
+                        "prepare a larger corpus, or lower --calib-length")
+    starts = np.sort(np.random.default_rng(seed).integers(0, len(tokens) - length, samples))
+    x, _ = windows(tokens, data.tokenizer.bos_id, length, starts)
+    return x
+
+
+def quantize_model(model: NimaForCausalLM, method: str, bits: int, group_size: int, symmetric: bool = True,
+                   calib: torch.Tensor | None = None, damp: float = 0.01,
+                   act_order: bool = False) -> dict[str, QuantizedWeight]:
+    """Quantize every decoder linear; the model's weights become their dequantized values."""
+    check_params(bits, group_size, method)
+    linears = quantizable(model)
+    for name, m in linears.items():
+        check_width(name, m.weight, group_size)
+    if method == "gptq":
+        if calib is None:
+            raise NimaError("GPTQ needs calibration text", "pass --data DIR (a prepared data directory)")
+        from nima_edge.export.gptq import gptq_model
+        return gptq_model(model, calib, bits, group_size, symmetric, damp, act_order)
+    result = {name: rtn(m.weight, bits, group_size, symmetric) for name, m in linears.items()}
+    apply_quant(model, result)
+    return result
+
+
+def quantize_checkpoint(ckpt: str | Path, out: str | Path, bits: int = 4, group_size: int = 32,
+                        method: str = "gptq", data_dir: str | Path | None = None, symmetric: bool = True,
+                        samples: int = 64, length: int = 256, damp: float = 0.01, act_order: bool = False,
+                        seed: int = 0) -> Path:
+    """Read a float checkpoint, quantize it, write `out`: the same float weights plus the result."""
+    from nima_edge.data import TokenData
+    check_params(bits, group_size, method)
+    model, tok = checkpoint.load(ckpt)
+    if Path(out).resolve() == Path(ckpt).resolve():
+        raise NimaError(f"--out {out} is the input checkpoint", "write the quantized checkpoint to a new directory")
+    info = {"source": str(ckpt), "source_sha256": checkpoint.checkpoint_hash(ckpt)}
+    calib = None
+    if method == "gptq":
+        data = TokenData(data_dir) if data_dir is not None else None
+        if data is None:
+            raise NimaError("GPTQ needs calibration text", "pass --data DIR (a prepared data directory)")
+        if data.tokenizer.hf.get_vocab() != tok.hf.get_vocab():
+            raise NimaError(f"the data in {data_dir} was tokenized with another tokenizer than {ckpt}",
+                            "pass the data directory the checkpoint was trained on")
+        length = min(length, model.config.max_position_embeddings)
+        calib = calibration_windows(data, samples, length, seed)
+        info.update(calibration={"data": str(data_dir), "samples": samples, "length": length, "seed": seed,
+                                 "damp": damp, "act_order": act_order})
+    float_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    result = quantize_model(model, method, bits, group_size, symmetric, calib, damp, act_order)
+    model.load_state_dict(float_sd)  # the checkpoint keeps the float weights; the result rides beside them
+    meta = {k: v for k, v in checkpoint.read_meta(ckpt).items() if k != "quantization"}
+    return save_quantized(out, model, tok, result, meta, info)
