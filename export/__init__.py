@@ -11,7 +11,9 @@ from pathlib import Path
 from nima_edge.errors import NimaError
 
 # target -> "module:function", imported only when used (each pulls in a heavy toolchain)
-EXPORTERS: dict[str, str] = {}
+EXPORTERS: dict[str, str] = {
+    "executorch": "nima_edge.export.executorch_export:export",
+}
 
 
 def export(ckpt: str | Path, target: str, out: str | Path, quant: str, **options) -> Path:

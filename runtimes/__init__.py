@@ -11,6 +11,7 @@ from nima_edge.runtime import Runtime
 # target -> "module:Class", imported only when used (each pulls in a heavy native library)
 RUNTIMES: dict[str, str] = {
     "torch": "nima_edge.runtimes.torch_runtime:TorchRuntime",
+    "executorch": "nima_edge.runtimes.executorch_runtime:ExecuTorchRuntime",
 }
 
 
@@ -26,6 +27,8 @@ def detect_target(path: str | Path) -> str:
             return target
     if path.is_dir() and (path / "config.json").is_file():
         return "torch"
+    if path.suffix == ".pte" or (path.is_dir() and (path / "model.pte").is_file()):
+        return "executorch"
     raise NimaError(f"cannot tell which runtime reads {path}",
                     f"known targets: {', '.join(RUNTIMES)}; pass --target explicitly")
 

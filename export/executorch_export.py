@@ -1,0 +1,106 @@
+"""ExecuTorch exporter (target "executorch"): a `.pte` lowered to XNNPACK for phones and boards.
+
+The artifact is a directory, so the stock LLM runner finds everything it needs side by side:
+    model.pte              forward(tokens[1, T], input_pos[1]) -> logits[1, vocab], static KV cache,
+                           llama::update_cache / llama::custom_sdpa, plus the runner's constant
+                           metadata methods (get_max_context_len, get_eos_ids, use_kv_cache, ...)
+    tokenizer.json         the checkpoint's tokenizer
+    tokenizer_config.json  names <|bos|>/<|eos|>: the runner's HF tokenizer reads BOS/EOS from it.
+                           The runner prepends BOS only when asked (GenerationConfig(num_bos=1)).
+    manifest.json
+
+Quantization (torchao, as ExecuTorch's export_llama does it): see export/executorch_quant.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from nima_edge import checkpoint
+from nima_edge.atomic import atomic_dir
+from nima_edge.errors import NimaError
+from nima_edge.manifest import write_manifest
+from nima_edge.tokenizer import BOS, EOS, PAD
+
+PTE_NAME = "model.pte"
+QUANTS = ("fp32", "8da4w", "8da8w")
+ALIASES = {"f32": "fp32"}  # the CLI's generic default name
+
+
+def metadata(model, tokenizer, max_context: int) -> dict:
+    """Constant methods the stock runner reads (executorch/extension/llm/runner/constants.h)."""
+    cfg = model.config
+    return {
+        "get_max_seq_len": max_context,
+        "get_max_context_len": max_context,
+        "get_n_layers": cfg.num_hidden_layers,
+        "get_vocab_size": cfg.vocab_size,
+        "get_bos_id": tokenizer.bos_id,
+        "get_eos_ids": [tokenizer.eos_id],
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": True,
+    }
+
+
+def lower(module: torch.nn.Module, max_context: int, constant_methods: dict):
+    """torch.export with a dynamic prompt length, lower to XNNPACK, emit the ExecuTorch program."""
+    from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    example = (torch.tensor([[1, 2, 3]], dtype=torch.long), torch.tensor([0], dtype=torch.long))
+    dynamic = ({1: torch.export.Dim("token_dim", max=max_context)}, None)
+    with torch.no_grad():
+        ep = torch.export.export(module, example, dynamic_shapes=dynamic, strict=True)
+        ep = ep.run_decompositions({})  # unwraps torchao's quantized tensor subclasses into plain ops
+    edge = to_edge_transform_and_lower(
+        ep, partitioner=[XnnpackPartitioner()], constant_methods=constant_methods,
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
+    edge = edge.transform([ConvertToLinearPass()])  # any linear left outside XNNPACK runs as one op
+    return edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        do_quant_fusion_and_const_prop=True,
+        # the runner owns the input buffers; the KV cache lives in planned mutable buffers
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+    ))
+
+
+def export(ckpt: Path, out: Path, quant: str, group_size: int | None = None, log=print, **_) -> Path:
+    from nima_edge.export.executorch_model import ExecuTorchLlama, load_custom_ops
+
+    quant = ALIASES.get(quant, quant)
+    if quant not in QUANTS:
+        raise NimaError(f"quant {quant!r} is not an ExecuTorch scheme", f"use --quant {' | '.join(QUANTS)}")
+    if Path(out).suffix == ".pte":
+        raise NimaError(f"--out {out} names a file, but the ExecuTorch artifact is a directory "
+                        f"({PTE_NAME} + tokenizer.json)", "pass a directory path, e.g. --out artifacts/model-et")
+    logging.getLogger("executorch").setLevel(logging.WARNING)
+    load_custom_ops()
+    model, tok = checkpoint.load(ckpt)
+    info = {}
+    if quant != "fp32":
+        from nima_edge.export.executorch_quant import quantize_for_xnnpack
+        log(f"quantizing linears ({quant}) with torchao")
+        info = quantize_for_xnnpack(model, ckpt, quant, group_size)
+    max_context = model.config.max_position_embeddings
+    module = ExecuTorchLlama(model, max_context).eval()
+    log("exporting and lowering to XNNPACK")
+    program = lower(module, max_context, metadata(model, tok, max_context))
+    with atomic_dir(out) as tmp:
+        with open(tmp / PTE_NAME, "wb") as f:
+            program.write_to_file(f)
+        tok.save(tmp / "tokenizer.json")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "add_bos_token": True}, indent=2) + "\n")
+    write_manifest(out, "executorch", quant, ckpt, model_file=PTE_NAME, backend="xnnpack",
+                   max_context=max_context, runner={"num_bos": 1, "note": "pass num_bos=1: BOS is not "
+                                                    "added by the tokenizer's post-processor in the runner"},
+                   quantization=info)
+    return Path(out)
