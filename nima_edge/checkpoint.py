@@ -85,9 +85,13 @@ def load(ckpt_dir: str | Path, device: str = "cpu") -> tuple[NimaForCausalLM, To
     model = NimaForCausalLM(cfg).to(device)
     if cfg.tie_word_embeddings:
         sd.setdefault("lm_head.weight", sd.get("model.embed_tokens.weight"))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise NimaError(f"{ckpt} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]})",
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        problem = f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else None
+    except RuntimeError as e:  # shape mismatches
+        problem = str(e).splitlines()[-1].strip()
+    if problem:
+        raise NimaError(f"{ckpt / 'model.safetensors'} does not match its config.json ({problem})",
                         "the weights and config come from different models; re-save the checkpoint")
     tok = Tokenizer.from_file(ckpt / "tokenizer.json")
     if tok.vocab_size > cfg.vocab_size:

@@ -11,10 +11,10 @@ from nima_edge.errors import NimaError
 
 app = typer.Typer(help="Train, quantize, export, verify and benchmark small Llama-family language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # no hard wraps: error lines stay greppable
 
 # Each module under nima_edge/commands registers its commands on `app` when imported.
-COMMAND_MODULES = ["data", "model", "export"]
+COMMAND_MODULES = ["data", "model", "export", "quantize"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"nima_edge.commands.{_name}").register(app)

@@ -74,12 +74,13 @@ class Runtime(ABC):
         rng = sampling.rng()
         self.reset()
         logits = self.prefill(prompt_ids)
+        max_new_tokens = min(max_new_tokens, self.context_length - self.position)  # prompt + output fit
         for i in range(max_new_tokens):
             tok = choose(logits, sampling, rng)
             if stop_at_eos and tok == self.tokenizer.eos_id:
                 return
             yield tok
-            if i + 1 == max_new_tokens or self.position >= self.context_length:
+            if i + 1 == max_new_tokens:
                 return
             logits = self.decode(tok)
 

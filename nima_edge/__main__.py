@@ -1,0 +1,3 @@
+from nima_edge.cli import main
+
+main()
