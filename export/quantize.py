@@ -194,12 +194,11 @@ def apply_quant(model: NimaForCausalLM, qweights: dict[str, QuantizedWeight]) ->
 
 def fake_quant_model(ckpt_dir: str | Path) -> tuple[NimaForCausalLM, Tokenizer]:
     """The PyTorch reference for quantized artifacts: float model with every quantized linear dequantized."""
-    model, tok = checkpoint.load(ckpt_dir)
-    qweights = load_quant(ckpt_dir)
-    if qweights is None:
+    model, tok, scheme = load_model(ckpt_dir)
+    if scheme is None:
         raise NimaError(f"{ckpt_dir} carries no quantization result ({QUANT_JSON})",
                         f"run: nima-edge quantize {ckpt_dir} --bits 4 --group 32 --out DIR")
-    return apply_quant(model, qweights).eval(), tok
+    return model, tok
 
 
 def calibration_windows(data, samples: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -260,3 +259,19 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, bits: int = 4, group_
     model.load_state_dict(float_sd)  # the checkpoint keeps the float weights; the result rides beside them
     meta = {k: v for k, v in checkpoint.read_meta(ckpt).items() if k != "quantization"}
     return save_quantized(out, model, tok, result, meta, info)
+
+
+def describe(qweights: dict[str, QuantizedWeight]) -> str:
+    """e.g. '4-bit gptq, group 32, symmetric' (all layers share one scheme when written by quantize)."""
+    schemes = sorted({(q.bits, q.method, q.group_size, q.symmetric) for q in qweights.values()})
+    return "; ".join(f"{b}-bit {m}, group {g}, {'symmetric' if s else 'asymmetric'}" for b, m, g, s in schemes)
+
+
+def load_model(ckpt_dir: str | Path) -> tuple[NimaForCausalLM, Tokenizer, str | None]:
+    """The model a checkpoint stands for: the fake-quant model when it carries a quantization result
+    (with a description of the scheme), else the float model (and None)."""
+    model, tok = checkpoint.load(ckpt_dir)
+    qweights = load_quant(ckpt_dir)
+    if qweights is None:
+        return model, tok, None
+    return apply_quant(model, qweights).eval(), tok, describe(qweights)

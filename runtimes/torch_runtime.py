@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nima_edge import checkpoint
+from nima_edge.export.quantize import load_model
 from nima_edge.model import KVCache, NimaForCausalLM
 from nima_edge.runtime import Runtime
 from nima_edge.tokenizer import Tokenizer
@@ -21,8 +21,8 @@ class TorchRuntime(Runtime):
         super().__init__()
         if threads:
             torch.set_num_threads(threads)
-        if model is None:
-            model, tokenizer = checkpoint.load(ckpt)
+        if model is None:  # a quantized checkpoint runs as its fake-quant model: the reference for artifacts
+            model, tokenizer, _ = load_model(ckpt)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.context_length = model.config.max_position_embeddings
         self.cache = KVCache(model.config)

@@ -33,11 +33,13 @@ def register(app: typer.Typer) -> None:
               data: Path = typer.Option(Path("data/shakespeare-char"), help="prepared data directory"),
               split: str = typer.Option("val")):
         """Print validation loss, perplexity and bits per character."""
-        from nima_edge import checkpoint
         from nima_edge.data import TokenData
         from nima_edge.evaluate import evaluate
-        model, _ = checkpoint.load(ckpt)
+        from nima_edge.export.quantize import load_model
+        model, _, quant = load_model(ckpt)  # a quantized checkpoint is evaluated as its fake-quant model
         r = evaluate(model, TokenData(data), split)
+        if quant:
+            Console().print(f"fake-quant model ({quant})")
         Console().print(f"{split} loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
                         f"bits/char {r['bits_per_char']:.4f}  ({r['tokens']:,} tokens)")
 
