@@ -31,12 +31,13 @@ def evaluate(model: NimaForCausalLM, data: TokenData, split: str = "val", contex
     starts = np.arange(0, len(tokens) - context + 1, context)
     if max_windows is not None and len(starts) > max_windows:  # evenly spaced, still deterministic
         starts = starts[np.linspace(0, len(starts) - 1, max_windows).astype(int)]
+    device = next(model.parameters()).device  # windows are built on the CPU
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
         x, y = windows(tokens, data.tokenizer.bos_id, context, starts[i:i + batch_size])
-        _, loss = model(x, y)
+        _, loss = model(x.to(device), y.to(device))
         total += loss.item() * y.numel()
         count += y.numel()
     model.train(was_training)

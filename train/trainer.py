@@ -1,83 +1,293 @@
-"""Training loop: AdamW, warmup + cosine learning rate, periodic evaluation, atomic checkpoints."""
+"""The training loop: one CPU, one GPU or several processes (torchrun + DDP).
+
+Per optimizer step: the learning rate from the schedule, `grad_accum` micro-batches per process
+(autocast where asked), gradient clipping, one optimizer step. Every `eval_every` steps: validation
+loss / perplexity / bits per character, the best model published to OUT, early stopping. Resumable
+checkpoints go to OUT/last (see checkpointing.py for the layout).
+"""
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from nima_edge import checkpoint
+from nima_edge.atomic import write_text
 from nima_edge.config import preset
 from nima_edge.data import TokenData
+from nima_edge.errors import NimaError
 from nima_edge.evaluate import evaluate, windows
 from nima_edge.model import NimaForCausalLM
+from nima_edge.train import checkpointing, distributed, optim, recipe
+from nima_edge.train.recipe import TrainConfig
+from nima_edge.train.schedules import lr_at
+from nima_edge.train.tracking import Tracker
+
+__all__ = ["TrainConfig", "train", "batch_starts"]
 
 
-@dataclass
-class TrainConfig:
-    preset: str = "nima-1m"
-    context: int = 128
-    batch_size: int = 16
-    max_steps: int = 2000
-    max_seconds: float | None = None  # wall-clock budget; stops at whichever limit comes first
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    dropout: float = 0.0
-    eval_every: int = 250
-    eval_windows: int = 64
-    seed: int = 1337
+def batch_starts(seed: int, step: int, n_tokens: int, context: int, batch_size: int) -> np.ndarray:
+    """Window starts of the global batch of `step`: a pure function of (seed, step), so a resumed or
+    data-parallel run draws exactly the batches a single uninterrupted process would."""
+    return np.random.default_rng([seed, step]).integers(0, n_tokens - context, batch_size)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+def _precision(cfg: TrainConfig, device: torch.device):
+    """(autocast context factory, GradScaler or None)."""
+    p = cfg.precision
+    if p == "auto":
+        p = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if p == "fp32":
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if p == "bf16" else torch.float16
+    # fp16 has too little range for raw gradients: scale the loss (bf16 has fp32's range and needs none)
+    scaler = torch.amp.GradScaler(device.type) if p == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    st = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(rng: dict[str, torch.Tensor], rank: int, device: torch.device) -> bool:
+    if f"cpu.{rank}" not in rng:
+        return False
+    torch.set_rng_state(rng[f"cpu.{rank}"])
+    if device.type == "cuda" and f"cuda.{rank}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda.{rank}"], device)
+    return True
+
+
+# Settings a resumed run may change: its budget and bookkeeping, never what shapes the optimization so far.
+RESUME_OVERRIDABLE = ("max_steps", "max_seconds", "patience", "log_every", "mlflow")
+
+
+def _resolve_config(out: Path, cfg: TrainConfig | None, resume: bool, overrides: dict, log) -> tuple[TrainConfig, bool]:
+    """The run's settings, and whether it resumes. A resumed run keeps the settings it started with,
+    except for the budget-like RESUME_OVERRIDABLE ones in `overrides`."""
+    if not resume:
+        if cfg is None:
+            raise NimaError("no training settings given", "pass a recipe (--recipe) or a TrainConfig")
+        return TrainConfig(**{**cfg.to_dict(), **overrides}).validate(), False
+    d = checkpointing.last_dir(out)
+    if d is None:
+        raise NimaError(f"--resume: {out} has no resumable checkpoint (no {out / checkpointing.LAST})",
+                        "drop --resume to start a new run, or pass the --out of the run to continue")
+    saved = TrainConfig(**checkpointing.read_state(d)["config"])
+    fixed = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDABLE and v != getattr(saved, k))
+    if fixed:
+        raise NimaError(f"a resumed run keeps its settings; cannot change {', '.join(fixed)}",
+                        f"only {', '.join(RESUME_OVERRIDABLE)} may change on --resume; start a new run for others")
+    if cfg is not None:
+        ignored = [k for k, v in cfg.to_dict().items() if v != getattr(saved, k)]
+        if ignored:
+            log(f"resuming with the run's own settings; ignoring the new values of: {', '.join(ignored)}")
+    return TrainConfig(**{**saved.to_dict(), **overrides}).validate(), True
+
+
+def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = None, log=print,
+          resume: bool = False, on_eval: Callable[[int, dict], None] | None = None,
+          overrides: dict | None = None) -> dict:
+    """Train (or with `resume`, continue) a run in `out_dir`; returns the run summary.
+
+    On return `out_dir` is an HF checkpoint of the best model on validation. `on_eval(step, metrics)`
+    is called after each evaluation (the tuner prunes trials from it by raising). `overrides` are
+    settings applied on top of `cfg`, or on top of the saved settings when resuming.
+    """
+    out = Path(out_dir)
+    cfg, resuming = _resolve_config(out, cfg, resume, overrides or {}, log)
+    dist = distributed.setup(cfg.device)
+    try:
+        return _run(Path(data_dir), out, cfg, dist, resuming, log if dist.main else (lambda *_: None), on_eval)
+    finally:
+        dist.close()
+
+
+def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming: bool, log, on_eval) -> dict:
+    dev = dist.device
+    per_step = cfg.grad_accum * dist.world
+    if cfg.batch_size % per_step:
+        raise NimaError(f"batch_size {cfg.batch_size} does not split into grad_accum {cfg.grad_accum} x "
+                        f"{dist.world} process(es)", f"use a batch_size that is a multiple of {per_step}")
+    micro = cfg.batch_size // per_step
     data = TokenData(data_dir)
-    tok = data.tokenizer
-    model_cfg = preset(cfg.preset, vocab_size=tok.vocab_size, dropout=cfg.dropout)
-    model = NimaForCausalLM(model_cfg)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    train_tokens = data.tokens("train")
-    log(f"{cfg.preset}: {model.num_parameters():,} parameters, {len(train_tokens):,} training tokens")
-    start, last_eval = time.monotonic(), {}
-    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
-                  TimeRemainingColumn()) as progress:
-        task = progress.add_task("train", total=cfg.max_steps, info="")
-        for step in range(cfg.max_steps):
+    tok, train_tokens = data.tokenizer, data.tokens("train")
+    if len(train_tokens) <= cfg.context:
+        raise NimaError(f"{data_dir} has {len(train_tokens)} training tokens, fewer than one window of {cfg.context}",
+                        "use a larger corpus or a shorter context")
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = NimaForCausalLM(preset(cfg.preset, vocab_size=tok.vocab_size, dropout=cfg.dropout)).to(dev)
+    opt = optim.build(model, cfg)
+    autocast, scaler = _precision(cfg, dev)
+    progress = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_loss": math.inf, "best_step": None,
+                "bad_evals": 0, "last_eval": None, "finished": None}
+    if resuming:
+        state, opt_tensors, rng, last = checkpointing.load_last(out, str(dev))
+        weights, _ = checkpoint.load(last, device=str(dev))
+        model.load_state_dict(weights.state_dict())
+        checkpointing.optimizer_from_files(opt, opt_tensors, state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if not _set_rng_state(rng, dist.rank, dev):  # other world size: fresh, still deterministic, streams
+            torch.manual_seed(cfg.seed + 1 + dist.rank + state["progress"]["step"])
+        progress = state["progress"]
+        log(f"resuming {out} at step {progress['step']} ({progress['elapsed']:.0f} s trained)")
+        if _done_reason(progress, cfg):
+            log(f"the run already finished ({_done_reason(progress, cfg)}); nothing to do")
+            return checkpoint.read_meta(out).get("training", {})
+        progress["finished"] = None  # a larger budget continues a finished run
+    else:
+        torch.manual_seed(cfg.seed + 1 + dist.rank)  # dropout streams differ per rank
+    net = dist.wrap(model)
+    net.train()
+
+    tracker = Tracker(out, enabled=dist.main, mlflow=cfg.mlflow, params=cfg.to_dict(), resumed=resuming)
+    if dist.main:
+        for stale in out.glob(".publish.*"):  # left by a kill during publish
+            shutil.rmtree(stale, ignore_errors=True)
+        write_text(out / "recipe.toml", recipe.dumps(cfg, header=f"settings of the run in {out}"))
+        tracker.log("resume" if resuming else "start", progress["step"], world=dist.world, device=str(dev),
+                    parameters=model.num_parameters())
+        log(f"{cfg.preset}: {model.num_parameters():,} parameters, {len(train_tokens):,} training tokens, "
+            f"{dist.world} process(es) on {dev}, global batch {cfg.batch_size} x {cfg.context} tokens")
+
+    step_tokens = cfg.batch_size * cfg.context
+    clock0 = time.monotonic() - progress["elapsed"]  # the budget counts time trained before a resume too
+    elapsed = progress["elapsed"]
+    session_tokens, session_train_s, first_step = 0, 0.0, progress["step"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   disable=not dist.main)
+    with bar:
+        task = bar.add_task("train", total=cfg.max_steps, completed=progress["step"], info="")
+        for step in range(progress["step"], cfg.max_steps):
+            t_step = time.monotonic()
+            frac = elapsed / cfg.max_seconds if cfg.schedule_clock == "time" else None
+            lr = lr_at(step, cfg, frac)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            x, y = windows(train_tokens, tok.bos_id, cfg.context,
-                           rng.integers(0, len(train_tokens) - cfg.context, cfg.batch_size))
-            _, loss = model(x, y)
+                group["lr"] = lr
+            starts = batch_starts(cfg.seed, step, len(train_tokens), cfg.context, cfg.batch_size)
+            mine = starts[dist.rank * micro * cfg.grad_accum:(dist.rank + 1) * micro * cfg.grad_accum]
+            loss_sum = torch.zeros((), device=dev)
+            for m in range(cfg.grad_accum):
+                x, y = windows(train_tokens, tok.bos_id, cfg.context, mine[m * micro:(m + 1) * micro])
+                with dist.no_sync(net, sync=m == cfg.grad_accum - 1):
+                    with autocast():
+                        _, loss = net(x.to(dev), y.to(dev))
+                    # mean over the micro-batch / accum steps; DDP averages over ranks -> mean over the global batch
+                    scaled = loss / cfg.grad_accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                loss_sum += loss.detach()
+            if scaler is not None:
+                scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            out_of_time = cfg.max_seconds is not None and time.monotonic() - start > cfg.max_seconds
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps or out_of_time:
-                last_eval = evaluate(model, data, context=cfg.context, max_windows=cfg.eval_windows)
-                log(f"step {step + 1}: train loss {loss.item():.4f}, val loss {last_eval['loss']:.4f}, "
-                    f"val bpc {last_eval['bits_per_char']:.3f}")
-            progress.update(task, advance=1, info=f"loss {loss.item():.3f}")
-            if out_of_time:
+            train_loss = loss_sum.item() / cfg.grad_accum  # this rank's share; every rank's would need a reduce
+            session_train_s += time.monotonic() - t_step
+            session_tokens += step_tokens
+            done = step + 1
+            progress["step"], progress["tokens"] = done, progress["tokens"] + step_tokens
+
+            # Rank 0's clock decides the budget, so every rank stops (and anneals) together.
+            elapsed, = dist.broadcast([time.monotonic() - clock0])
+            progress["elapsed"] = elapsed
+            out_of_time = cfg.max_seconds is not None and elapsed >= cfg.max_seconds
+            finishing = "max_steps" if done == cfg.max_steps else "max_seconds" if out_of_time else None
+            evaluating = done % cfg.eval_every == 0 or finishing is not None
+            tok_s = session_tokens / max(session_train_s, 1e-9)
+            if dist.main and (done % cfg.log_every == 0 or finishing):
+                tracker.log("train", done, loss=train_loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
+                            elapsed_s=elapsed)
+            metrics = None
+            if evaluating:
+                stop = 0.0
+                if dist.main:
+                    metrics = evaluate(model, data, context=cfg.context, max_windows=cfg.eval_windows)
+                    stop = float(_after_eval(out, model, tok, cfg, progress, metrics, tracker, log, train_loss))
+                if dist.broadcast([stop])[0] and finishing is None:
+                    finishing = "early_stopping"
+            if finishing:
+                progress["finished"] = finishing
+            every = cfg.checkpoint_every or cfg.eval_every
+            if finishing or done % every == 0:
+                rng = dist.gather(_rng_state(dev))
+                if dist.main:
+                    _save_last(out, model, tok, opt, scaler, cfg, progress, rng)
+            if on_eval is not None and metrics is not None:
+                on_eval(done, metrics)
+            eta = (cfg.max_steps - done) * session_train_s / (done - first_step)
+            if cfg.max_seconds is not None:
+                eta = min(eta, cfg.max_seconds - elapsed)
+            bar.update(task, completed=done, info=f"loss {train_loss:.3f}  lr {lr:.2e}  {tok_s:,.0f} tok/s  "
+                                                  f"ETA {max(eta, 0):.0f} s")
+            if finishing:
                 break
-    summary = {"preset": cfg.preset, "steps": step + 1, "seconds": round(time.monotonic() - start, 1),
-               "val": last_eval, "train_config": cfg.__dict__}
-    checkpoint.save(out_dir, model, tok, meta={"preset": cfg.preset, "training": summary})
+
+    summary = {"preset": cfg.preset, "steps": progress["step"], "seconds": round(progress["elapsed"], 1),
+               "tokens": progress["tokens"], "tokens_per_second": round(session_tokens / max(session_train_s, 1e-9)),
+               "stopped": progress["finished"], "processes": dist.world, "device": str(dev),
+               "best": {"step": progress["best_step"], "loss": progress["best_loss"]},
+               "val": progress["last_eval"], "train_config": cfg.to_dict()}
+    if dist.main:
+        checkpointing.update_meta(out, {"training": summary})
+        tracker.log("end", progress["step"], **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        tracker.plot()
+        tracker.close()
+        log(f"stopped after {summary['steps']} steps ({summary['stopped']}), {summary['seconds']} s, "
+            f"{summary['tokens_per_second']:,} tokens/s; best val loss {progress['best_loss']:.4f} "
+            f"at step {progress['best_step']}")
     return summary
+
+
+def _done_reason(progress: dict, cfg: TrainConfig) -> str | None:
+    """Why a saved run needs no more steps under (possibly extended) settings, or None."""
+    if progress["step"] >= cfg.max_steps:
+        return "max_steps"
+    if cfg.max_seconds is not None and progress["elapsed"] >= cfg.max_seconds:
+        return "max_seconds"
+    if progress["finished"] == "early_stopping" and 0 < cfg.patience <= progress["bad_evals"]:
+        return "early_stopping"
+    return None
+
+
+def _after_eval(out: Path, model, tok, cfg: TrainConfig, progress: dict, metrics: dict, tracker: Tracker, log,
+                train_loss: float) -> bool:
+    """Record an evaluation, publish the model if it is the best so far; True when patience ran out."""
+    step = progress["step"]
+    metrics = {k: metrics[k] for k in ("loss", "perplexity", "bits_per_char", "tokens")}
+    progress["last_eval"] = {"step": step, **metrics}
+    tracker.log("eval", step, **metrics)
+    improved = metrics["loss"] < progress["best_loss"] - cfg.min_delta
+    if improved:
+        progress.update(best_loss=metrics["loss"], best_step=step, bad_evals=0)
+        checkpointing.publish(out, model, tok, meta={"preset": cfg.preset, "training": {
+            "best_step": step, "val": metrics, "train_config": cfg.to_dict()}})
+    else:
+        progress["bad_evals"] += 1
+    log(f"step {step}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
+        f"val bpc {metrics['bits_per_char']:.3f}" + ("  (best)" if improved else f"  ({progress['bad_evals']} "
+                                                      f"without improvement)"))
+    tracker.plot()
+    return cfg.patience > 0 and progress["bad_evals"] >= cfg.patience
+
+
+def _save_last(out: Path, model, tok, opt, scaler, cfg: TrainConfig, progress: dict, rng_per_rank: list[dict]) -> None:
+    rng = {f"{kind}.{rank}": t for rank, st in enumerate(rng_per_rank) for kind, t in st.items()}
+    state = {"progress": progress, "config": cfg.to_dict(), "scaler": scaler.state_dict() if scaler else None}
+    checkpointing.save_last(out, model, tok, opt, state, rng, meta={"preset": cfg.preset, "step": progress["step"]})

@@ -1,6 +1,7 @@
 """nima-edge train / eval / generate: the PyTorch side."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -13,20 +14,36 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def train(
         data: Path = typer.Option(Path("data/shakespeare-char"), help="prepared data directory"),
-        out: Path = typer.Option(Path("runs/nima-1m"), help="checkpoint directory to write"),
-        preset: str = typer.Option("nima-1m", help="nima-0.5m | nima-1m | nima-5m | nima-10m"),
-        steps: int = typer.Option(2000, help="optimizer steps"),
+        out: Path = typer.Option(Path("runs/nima-1m"), help="run directory; it ends as the best checkpoint"),
+        recipe: str = typer.Option(None, help="recipe TOML, or a bundled one by name (default: the preset's)"),
+        resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+        preset: str = typer.Option(None, help="nima-0.5m | nima-1m | nima-5m | nima-10m (default nima-1m)"),
+        steps: int = typer.Option(None, help="optimizer steps (max_steps)"),
         minutes: float = typer.Option(None, help="wall-clock budget; stops early when reached"),
-        batch_size: int = typer.Option(16),
-        context: int = typer.Option(128, help="training window length in tokens"),
-        lr: float = typer.Option(3e-3),
+        batch_size: int = typer.Option(None, help="global windows per optimizer step"),
+        grad_accum: int = typer.Option(None, help="micro-batches per step and process"),
+        context: int = typer.Option(None, help="training window length in tokens"),
+        lr: float = typer.Option(None, help="peak learning rate"),
+        optimizer: str = typer.Option(None, help="adamw | lion"),
+        dropout: float = typer.Option(None),
+        precision: str = typer.Option(None, help="auto | fp32 | bf16 | fp16"),
+        device: str = typer.Option(None, help="auto | cpu | cuda"),
+        patience: int = typer.Option(None, help="early stopping after this many evaluations without improvement"),
+        eval_every: int = typer.Option(None, help="steps between evaluations"),
+        mlflow: bool = typer.Option(None, "--mlflow/--no-mlflow", help="also track to MLflow in OUT/mlflow.db (needs mlflow)"),
     ):
-        """Train a model from a preset on prepared data."""
-        from nima_edge.train.trainer import TrainConfig, train as run_train
-        cfg = TrainConfig(preset=preset, max_steps=steps, batch_size=batch_size, context=context, lr=lr,
-                          max_seconds=minutes * 60 if minutes else None)
-        summary = run_train(data, out, cfg, log=Console().print)
-        Console().print(f"saved {out} after {summary['steps']} steps ({summary['seconds']} s)")
+        """Train a model from a preset and recipe on prepared data (torchrun: -m nima_edge.train)."""
+        from nima_edge.train.recipe import build_config
+        from nima_edge.train.trainer import train as run_train
+        overrides = dict(preset=preset, max_steps=steps, max_seconds=minutes * 60 if minutes else None,
+                         batch_size=batch_size, grad_accum=grad_accum, context=context, lr=lr, optimizer=optimizer,
+                         dropout=dropout, precision=precision, device=device, patience=patience,
+                         eval_every=eval_every, mlflow=mlflow)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        cfg = None if resume else build_config(recipe, given)
+        summary = run_train(data, out, cfg, log=Console().print, resume=resume, overrides=given if resume else None)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
+            Console().print(f"saved {out} (best of {summary.get('steps')} steps, {summary.get('seconds')} s)")
 
     @app.command("eval")
     def eval_(ckpt: Path = typer.Argument(..., help="checkpoint directory"),
