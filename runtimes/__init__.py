@@ -12,6 +12,10 @@ from nima_edge.runtime import Runtime
 RUNTIMES: dict[str, str] = {
     "torch": "nima_edge.runtimes.torch_runtime:TorchRuntime",
     "executorch": "nima_edge.runtimes.executorch_runtime:ExecuTorchRuntime",
+    "gguf": "nima_edge.runtimes.llamacpp_runtime:LlamaCppRuntime",
+    "onnx": "nima_edge.runtimes.onnx_genai_runtime:OnnxGenaiRuntime",
+    "onnx-portable": "nima_edge.runtimes.onnx_runtime:OnnxRuntime",
+    "tensorrt": "nima_edge.runtimes.tensorrt_runtime:TensorRTRuntime",
 }
 
 
@@ -29,6 +33,14 @@ def detect_target(path: str | Path) -> str:
         return "torch"
     if path.suffix == ".pte" or (path.is_dir() and (path / "model.pte").is_file()):
         return "executorch"
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_file() and path.suffix == ".onnx":
+        return "onnx-portable"
+    if path.is_dir() and (path / "genai_config.json").is_file():
+        return "onnx"
+    if path.is_dir() and (path / "model.engine").is_file():
+        return "tensorrt"
     raise NimaError(f"cannot tell which runtime reads {path}",
                     f"known targets: {', '.join(RUNTIMES)}; pass --target explicitly")
 

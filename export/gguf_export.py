@@ -1,0 +1,224 @@
+"""GGUF export (llama.cpp): `nima-edge export CKPT --target gguf --quant f32|f16|q8_0|q4_0|q4_k_m|...`.
+
+F32, F16, Q8_0 and Q4_0 are written directly with gguf-py. Q8_0/Q4_0 pack the checkpoint's
+quantization result (GPTQ or RTN, export/quantize.py) when it has one, block for block, so stock
+llama.cpp runs exactly the reference's numbers; otherwise gguf-py's quantizers (bit-exact with
+llama.cpp's) round the float weights. Every other llama.cpp type goes through llama.cpp's own
+quantizer (llama_model_quantize) from an F32 file, and the per-tensor fallbacks it makes are reported.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import re
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from nima_edge import checkpoint
+from nima_edge.atomic import atomic_path
+from nima_edge.errors import NimaError
+from nima_edge.export.gguf_tokenizer import Writer, add_tokenizer
+from nima_edge.manifest import write_manifest
+
+log = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+# quant name -> (type of the decoder linears, file type) for the types written directly
+DIRECT = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+# handed to llama.cpp's quantizer (the IQ1/IQ2/IQ3 types need an importance matrix, so they are left out)
+LLAMA_QUANTS = ("bf16", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
+                "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
+QUANTS = (*DIRECT, *LLAMA_QUANTS)
+RESULT_BITS = {"q8_0": 8, "q4_0": 4}
+GGUF_BLOCK = 32  # Q8_0 / Q4_0 block length
+
+
+def export(ckpt: Path, out: Path, quant: str, threads: int | None = None, **_options) -> Path:
+    quant = quant.lower()
+    if quant not in QUANTS:
+        raise NimaError(f"unknown GGUF quant {quant!r}", f"choose one of: {', '.join(QUANTS)}")
+    if out.suffix != ".gguf":
+        raise NimaError(f"--out {out} does not end in .gguf", "name the artifact like model.gguf")
+    model, tok = checkpoint.load(ckpt)
+    from nima_edge.export.quantize import load_quant  # late: pulls in the quantization core
+    result = load_quant(ckpt)
+    name = checkpoint.read_meta(ckpt).get("preset") or "nima"  # not the path: same inputs, same bytes
+    out.parent.mkdir(parents=True, exist_ok=True)
+    extra: dict = {"tokenizer": tok.kind, "chat_template": "embedded (tokenizer.chat_template)"}
+    if quant in DIRECT:
+        used = _check_result(result, quant)
+        with atomic_path(out) as tmp:
+            write_gguf(tmp, model, tok, quant, used, name)
+        extra["weights"] = _weights_note(quant, result, used)
+    else:
+        with tempfile.TemporaryDirectory(dir=out.parent) as scratch, atomic_path(out) as tmp:
+            f32 = Path(scratch) / "f32.gguf"
+            write_gguf(f32, model, tok, "f32", None, name)
+            extra["fallbacks"] = llama_quantize(f32, tmp, quant, threads)
+        extra["weights"] = (f"llama.cpp's quantizer ({quant}) from the float weights"
+                            + ("; the checkpoint's quantization result is not used" if result else ""))
+        if extra["fallbacks"]:
+            log.warning("llama.cpp stored %d tensor(s) in a fallback type (listed in the manifest): %s",
+                        len(extra["fallbacks"]), ", ".join(f"{f['tensor']} {f['wanted']}->{f['used']}"
+                                                            for f in extra["fallbacks"]))
+    extra["tensor_types"] = tensor_types(out)
+    write_manifest(out, "gguf", quant, ckpt, gguf=extra)
+    return out
+
+
+def _check_result(result: dict | None, quant: str) -> dict | None:
+    """The quantization result to pack for `quant`, or None to quantize with gguf-py / write floats."""
+    if result is None or quant not in RESULT_BITS:
+        return None
+    for name, q in result.items():
+        if q.bits != RESULT_BITS[quant]:
+            want = {4: "q4_0", 8: "q8_0"}[q.bits]
+            raise NimaError(f"the checkpoint holds a {q.bits}-bit quantization result but --quant {quant} "
+                            f"needs {RESULT_BITS[quant]}-bit", f"export with --quant {want}, or re-quantize with "
+                            f"--bits {RESULT_BITS[quant]}")
+        if q.group_size != GGUF_BLOCK or not q.symmetric:
+            raise NimaError(f"{name} is quantized with group {q.group_size}, "
+                            f"{'symmetric' if q.symmetric else 'asymmetric'}; GGUF {quant.upper()} blocks are "
+                            f"{GGUF_BLOCK} weights with one symmetric scale",
+                            "re-run nima-edge quantize with --group 32 (symmetric)")
+    return result
+
+
+def _weights_note(quant: str, result: dict | None, used: dict | None) -> str:
+    if used:
+        methods = sorted({q.method for q in used.values()})
+        return f"decoder linears packed from the checkpoint's {'/'.join(methods)} result"
+    if quant in RESULT_BITS:
+        return "decoder linears rounded to nearest by gguf-py's quantizer (no quantization result in the checkpoint)"
+    return f"float weights ({quant})" + ("; the checkpoint's quantization result is not used" if result else "")
+
+
+def permute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order taking a Q/K projection from HF's rotate_half RoPE layout to llama.cpp's interleaved one.
+
+    The same permutation as llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute), expressed as row
+    indices so it applies alike to float weights and to quantized codes and scales.
+    """
+    rows = np.arange(n_rows)
+    return rows.reshape(n_head, 2, n_rows // n_head // 2).swapaxes(1, 2).reshape(n_rows)
+
+
+def pack_q8_0(q) -> np.ndarray:
+    """QuantizedWeight (8-bit, symmetric, group 32) -> GGUF Q8_0 blocks [out, in/32 * 34] (fp16 d, 32 x int8)."""
+    out, n = q.shape
+    d = q.scales.numpy().astype(np.float16).reshape(out, n // GGUF_BLOCK, 1).view(np.uint8)
+    qs = (q.codes.numpy().astype(np.int16) - 128).astype(np.int8).reshape(out, n // GGUF_BLOCK, GGUF_BLOCK)
+    return np.concatenate([d, qs.view(np.uint8)], axis=-1).reshape(out, -1)
+
+
+def pack_q4_0(q) -> np.ndarray:
+    """QuantizedWeight (4-bit, zero 8, group 32) -> GGUF Q4_0 blocks [out, in/32 * 18]: fp16 d, then element j
+    in the low nibble of byte j and element j+16 in its high nibble (ggml's block_q4_0)."""
+    out, n = q.shape
+    d = q.scales.numpy().astype(np.float16).reshape(out, n // GGUF_BLOCK, 1).view(np.uint8)
+    c = q.codes.numpy().reshape(out, n // GGUF_BLOCK, 2, GGUF_BLOCK // 2)
+    qs = c[..., 0, :] | (c[..., 1, :] << 4)
+    return np.concatenate([d, qs], axis=-1).reshape(out, -1)
+
+
+PACKERS = {"q8_0": pack_q8_0, "q4_0": pack_q4_0}
+
+
+def write_gguf(path: Path, model, tok, quant: str, result: dict | None, name: str) -> None:
+    cfg = model.config
+    linear_type, file_type = DIRECT[quant]
+    float_type = Q.F32 if quant == "f32" else Q.F16  # embeddings/head stay float (not in the quant result)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+
+    w = Writer(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    w.add_name(name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(file_type)
+    add_tokenizer(w, tok, cfg.vocab_size)
+
+    # tied embeddings: state_dict_for_save drops lm_head, so no `output` tensor and llama.cpp reuses token_embd
+    for hf_name, t in checkpoint.state_dict_for_save(model).items():
+        name = names.get_name(hf_name, try_suffixes=(".weight",))
+        if name is None:
+            raise NimaError(f"no GGUF name for tensor {hf_name}", "the checkpoint is not a plain Llama model")
+        data = t.detach().to(torch.float32).numpy()
+        order = None
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if "q_proj" in hf_name else cfg.num_key_value_heads
+            order = permute_rows(data.shape[0], heads)
+            data = data[order]
+        if data.ndim == 1:
+            w.add_tensor(name, data)  # norms: always F32
+        elif hf_name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            w.add_tensor(name, data.astype(np.float16) if float_type == Q.F16 else data)
+        elif linear_type == Q.F32:
+            w.add_tensor(name, data)
+        elif linear_type == Q.F16:
+            w.add_tensor(name, data.astype(np.float16))
+        elif result is not None and hf_name in result:
+            q = result[hf_name]
+            if order is not None:
+                q = type(q)(codes=q.codes[order], scales=q.scales[order], zeros=q.zeros[order], bits=q.bits,
+                            group_size=q.group_size, symmetric=q.symmetric, method=q.method)
+            w.add_tensor(name, PACKERS[quant](q), raw_dtype=linear_type)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, linear_type), raw_dtype=linear_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# llama.cpp logs e.g. "warning: blk.0.attn_k.weight - ncols 128 not divisible by 256 (required for type q4_K)"
+# then "-> falling back to q5_0" when a tensor's width does not fit the requested type's super-block
+FALLBACK = re.compile(r"warning: (?P<tensor>\S+)\s+- (?P<reason>.*?\(required for type\s+(?P<wanted>\w+)\))"
+                      r"\s*-> falling back to\s+(?P<used>\w+)")
+
+
+def llama_quantize(src: Path, dst: Path, quant: str, threads: int | None) -> list[dict]:
+    """Quantize an F32 GGUF with llama.cpp; returns the per-tensor fallbacks it made."""
+    import llama_cpp
+    from llama_cpp import _logger  # llama-cpp-python's log callback, restored afterwards
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, _user):
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
+    params.nthread = threads or 0
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    text = "".join(lines)
+    if rc != 0:
+        raise NimaError(f"llama.cpp could not quantize to {quant}:\n{text.strip()[-800:]}",
+                        "pick another --quant (see nima-edge export --help)")
+    return [{"tensor": m["tensor"], "wanted": m["wanted"], "used": m["used"], "reason": " ".join(m["reason"].split())}
+            for m in FALLBACK.finditer(text)]
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
