@@ -22,6 +22,7 @@ from nima_edge import checkpoint
 from nima_edge.atomic import atomic_path
 from nima_edge.errors import NimaError
 from nima_edge.export.gguf_tokenizer import Writer, add_tokenizer
+from nima_edge.export.packing import pack_gguf
 from nima_edge.manifest import write_manifest
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ LLAMA_QUANTS = ("bf16", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_
                 "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
 QUANTS = (*DIRECT, *LLAMA_QUANTS)
 RESULT_BITS = {"q8_0": 8, "q4_0": 4}
-GGUF_BLOCK = 32  # Q8_0 / Q4_0 block length
 
 
 def export(ckpt: Path, out: Path, quant: str, threads: int | None = None, **_options) -> Path:
@@ -85,11 +85,9 @@ def _check_result(result: dict | None, quant: str) -> dict | None:
             raise NimaError(f"the checkpoint holds a {q.bits}-bit quantization result but --quant {quant} "
                             f"needs {RESULT_BITS[quant]}-bit", f"export with --quant {want}, or re-quantize with "
                             f"--bits {RESULT_BITS[quant]}")
-        if q.group_size != GGUF_BLOCK or not q.symmetric:
-            raise NimaError(f"{name} is quantized with group {q.group_size}, "
-                            f"{'symmetric' if q.symmetric else 'asymmetric'}; GGUF {quant.upper()} blocks are "
-                            f"{GGUF_BLOCK} weights with one symmetric scale",
-                            "re-run nima-edge quantize with --group 32 (symmetric)")
+        if not q.symmetric:
+            raise NimaError(f"{name} is quantized asymmetrically; GGUF {quant.upper()} blocks hold one symmetric "
+                            "scale", "re-run nima-edge quantize with symmetric scales (the default)")
     return result
 
 
@@ -112,25 +110,6 @@ def permute_rows(n_rows: int, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, n_rows // n_head // 2).swapaxes(1, 2).reshape(n_rows)
 
 
-def pack_q8_0(q) -> np.ndarray:
-    """QuantizedWeight (8-bit, symmetric, group 32) -> GGUF Q8_0 blocks [out, in/32 * 34] (fp16 d, 32 x int8)."""
-    out, n = q.shape
-    d = q.scales.numpy().astype(np.float16).reshape(out, n // GGUF_BLOCK, 1).view(np.uint8)
-    qs = (q.codes.numpy().astype(np.int16) - 128).astype(np.int8).reshape(out, n // GGUF_BLOCK, GGUF_BLOCK)
-    return np.concatenate([d, qs.view(np.uint8)], axis=-1).reshape(out, -1)
-
-
-def pack_q4_0(q) -> np.ndarray:
-    """QuantizedWeight (4-bit, zero 8, group 32) -> GGUF Q4_0 blocks [out, in/32 * 18]: fp16 d, then element j
-    in the low nibble of byte j and element j+16 in its high nibble (ggml's block_q4_0)."""
-    out, n = q.shape
-    d = q.scales.numpy().astype(np.float16).reshape(out, n // GGUF_BLOCK, 1).view(np.uint8)
-    c = q.codes.numpy().reshape(out, n // GGUF_BLOCK, 2, GGUF_BLOCK // 2)
-    qs = c[..., 0, :] | (c[..., 1, :] << 4)
-    return np.concatenate([d, qs], axis=-1).reshape(out, -1)
-
-
-PACKERS = {"q8_0": pack_q8_0, "q4_0": pack_q4_0}
 
 
 def write_gguf(path: Path, model, tok, quant: str, result: dict | None, name: str) -> None:
@@ -178,7 +157,7 @@ def write_gguf(path: Path, model, tok, quant: str, result: dict | None, name: st
             if order is not None:
                 q = type(q)(codes=q.codes[order], scales=q.scales[order], zeros=q.zeros[order], bits=q.bits,
                             group_size=q.group_size, symmetric=q.symmetric, method=q.method)
-            w.add_tensor(name, PACKERS[quant](q), raw_dtype=linear_type)
+            w.add_tensor(name, pack_gguf(q), raw_dtype=linear_type)
         else:
             w.add_tensor(name, gguf.quants.quantize(data, linear_type), raw_dtype=linear_type)
     w.write_header_to_file()

@@ -1,0 +1,88 @@
+"""nima-edge chat (a streaming terminal chat over any runtime) and nima-edge serve (OpenAI-compatible HTTP)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from nima_edge.sampling import Sampling
+
+HELP = "commands: /system TEXT sets the system prompt, /reset clears the history, /exit (or Ctrl-D) leaves"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def chat(
+        model: Path = typer.Argument(..., help="a .gguf file, another exported artifact, or a checkpoint"),
+        system: str = typer.Option("", help="system prompt"),
+        max_new_tokens: int = typer.Option(256, help="longest reply (at most half the context)"),
+        temperature: float = typer.Option(0.7, help="0 = greedy"),
+        top_k: int = typer.Option(40),
+        top_p: float = typer.Option(0.95),
+        seed: int = typer.Option(None),
+        target: str = typer.Option(None, help="runtime to use (default: from the artifact)"),
+        threads: int = typer.Option(None),
+    ):
+        """Chat with a model in the terminal; replies stream as they are generated."""
+        try:
+            import readline  # noqa: F401  (line editing and arrow-key history for input())
+        except ImportError:
+            pass
+        from nima_edge.chat import Conversation
+        from nima_edge.errors import NimaError
+        from nima_edge.runtimes import load_runtime
+
+        out = Console(highlight=False)
+        rt = load_runtime(model, target, threads=threads)
+        convo = Conversation(rt, system, max_new_tokens, Sampling(temperature, top_k, top_p, seed))
+        out.print(f"[dim]{model} ({rt.target}, context {rt.context_length} tokens). {HELP}[/]")
+        try:
+            while True:
+                try:
+                    text = input("you> ")
+                except EOFError:
+                    out.print()
+                    break
+                command, _, arg = text.strip().partition(" ")
+                if command in ("/exit", "/quit"):
+                    break
+                if command == "/reset":
+                    convo.reset()
+                    out.print("[dim]history cleared[/]")
+                    continue
+                if command == "/system":
+                    convo.system = arg
+                    out.print(f"[dim]system prompt {'set' if arg else 'cleared'}[/]")
+                    continue
+                if not text.strip():
+                    continue
+                dropped = convo.dropped
+                out.print("bot> ", end="")
+                try:
+                    for piece in convo.reply(text):
+                        out.print(piece, end="", markup=False)
+                except NimaError as e:
+                    out.print(f"\n[red]{e.problem}[/]")
+                    continue
+                out.print()
+                if convo.dropped > dropped or convo.truncated:
+                    out.print(f"[dim](context full: {convo.dropped} oldest message(s) forgotten"
+                              f"{', your message was cut to its end' if convo.truncated else ''})[/]")
+        except KeyboardInterrupt:
+            out.print()
+        finally:
+            rt.close()
+
+    @app.command()
+    def serve(
+        model: Path = typer.Argument(..., help="a .gguf file"),
+        host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"),
+        port: int = typer.Option(8000),
+        threads: int = typer.Option(None),
+        api_key: str = typer.Option(None, help="require this bearer token"),
+    ):
+        """Serve a GGUF model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+        from nima_edge.runtimes.llamacpp_server import serve as run_server
+        Console(stderr=True).print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
+        run_server(model, host, port, threads, api_key)
