@@ -14,7 +14,7 @@ app = typer.Typer(help="Train, quantize, export, verify and benchmark small Llam
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: error lines stay greppable
 
 # Each module under nima_edge/commands registers its commands on `app` when imported.
-COMMAND_MODULES = ["data", "model", "export", "quantize", "verify", "chat"]
+COMMAND_MODULES = ["data", "model", "export", "quantize", "verify", "quickstart", "tune", "chat"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"nima_edge.commands.{_name}").register(app)

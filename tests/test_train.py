@@ -25,6 +25,16 @@ from nima_edge.train.trainer import train
 QUIET = dict(log=lambda *_: None)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared, loaded machine OpenMP's
+    spinning threads make them ~50x slower; one thread keeps these tests fast anywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**kw) -> TrainConfig:
     """A nima-0.5m run small enough for a few steps in about a second."""
     base = dict(preset="nima-0.5m", context=32, batch_size=8, max_steps=4, warmup_steps=1, lr=3e-3,
@@ -172,6 +182,7 @@ def test_bf16_autocast_on_cpu(char_data, tmp_path):
     assert math.isfinite(summary["val"]["loss"])
 
 
+@pytest.mark.slow  # importing mlflow and creating its SQLite store takes ~15 s
 def test_mlflow_local_store(char_data, tmp_path):
     pytest.importorskip("mlflow", reason="mlflow is an optional tracker")
     from mlflow.tracking import MlflowClient

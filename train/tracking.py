@@ -48,7 +48,7 @@ class Tracker:
         return plot_losses(self.dir / METRICS, self.dir / PLOT)
 
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.file.closed:
             return
         self.file.close()
         if self.mlflow is not None:

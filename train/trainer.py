@@ -169,75 +169,79 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
     params = [p for p in model.parameters() if p.requires_grad]
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    disable=not dist.main)
-    with bar:
-        task = bar.add_task("train", total=cfg.max_steps, completed=progress["step"], info="")
-        for step in range(progress["step"], cfg.max_steps):
-            t_step = time.monotonic()
-            frac = elapsed / cfg.max_seconds if cfg.schedule_clock == "time" else None
-            lr = lr_at(step, cfg, frac)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            starts = batch_starts(cfg.seed, step, len(train_tokens), cfg.context, cfg.batch_size)
-            mine = starts[dist.rank * micro * cfg.grad_accum:(dist.rank + 1) * micro * cfg.grad_accum]
-            loss_sum = torch.zeros((), device=dev)
-            for m in range(cfg.grad_accum):
-                x, y = windows(train_tokens, tok.bos_id, cfg.context, mine[m * micro:(m + 1) * micro])
-                with dist.no_sync(net, sync=m == cfg.grad_accum - 1):
-                    with autocast():
-                        _, loss = net(x.to(dev), y.to(dev))
-                    # mean over the micro-batch / accum steps; DDP averages over ranks -> mean over the global batch
-                    scaled = loss / cfg.grad_accum
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += loss.detach()
-            if scaler is not None:
-                scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            train_loss = loss_sum.item() / cfg.grad_accum  # this rank's share; every rank's would need a reduce
-            session_train_s += time.monotonic() - t_step
-            session_tokens += step_tokens
-            done = step + 1
-            progress["step"], progress["tokens"] = done, progress["tokens"] + step_tokens
+    try:
+        with bar:
+            task = bar.add_task("train", total=cfg.max_steps, completed=progress["step"], info="")
+            for step in range(progress["step"], cfg.max_steps):
+                t_step = time.monotonic()
+                frac = elapsed / cfg.max_seconds if cfg.schedule_clock == "time" else None
+                lr = lr_at(step, cfg, frac)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                starts = batch_starts(cfg.seed, step, len(train_tokens), cfg.context, cfg.batch_size)
+                mine = starts[dist.rank * micro * cfg.grad_accum:(dist.rank + 1) * micro * cfg.grad_accum]
+                loss_sum = torch.zeros((), device=dev)
+                for m in range(cfg.grad_accum):
+                    x, y = windows(train_tokens, tok.bos_id, cfg.context, mine[m * micro:(m + 1) * micro])
+                    with dist.no_sync(net, sync=m == cfg.grad_accum - 1):
+                        with autocast():
+                            _, loss = net(x.to(dev), y.to(dev))
+                        # mean over the micro-batch / accum steps; DDP averages over ranks -> mean over the global batch
+                        scaled = loss / cfg.grad_accum
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                    loss_sum += loss.detach()
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                train_loss = loss_sum.item() / cfg.grad_accum  # this rank's share; every rank's would need a reduce
+                session_train_s += time.monotonic() - t_step
+                session_tokens += step_tokens
+                done = step + 1
+                progress["step"], progress["tokens"] = done, progress["tokens"] + step_tokens
 
-            # Rank 0's clock decides the budget, so every rank stops (and anneals) together.
-            elapsed, = dist.broadcast([time.monotonic() - clock0])
-            progress["elapsed"] = elapsed
-            out_of_time = cfg.max_seconds is not None and elapsed >= cfg.max_seconds
-            finishing = "max_steps" if done == cfg.max_steps else "max_seconds" if out_of_time else None
-            evaluating = done % cfg.eval_every == 0 or finishing is not None
-            tok_s = session_tokens / max(session_train_s, 1e-9)
-            if dist.main and (done % cfg.log_every == 0 or finishing):
-                tracker.log("train", done, loss=train_loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
-                            elapsed_s=elapsed)
-            metrics = None
-            if evaluating:
-                stop = 0.0
-                if dist.main:
-                    metrics = evaluate(model, data, context=cfg.context, max_windows=cfg.eval_windows)
-                    stop = float(_after_eval(out, model, tok, cfg, progress, metrics, tracker, log, train_loss))
-                if dist.broadcast([stop])[0] and finishing is None:
-                    finishing = "early_stopping"
-            if finishing:
-                progress["finished"] = finishing
-            every = cfg.checkpoint_every or cfg.eval_every
-            if finishing or done % every == 0:
-                rng = dist.gather(_rng_state(dev))
-                if dist.main:
-                    _save_last(out, model, tok, opt, scaler, cfg, progress, rng)
-            if on_eval is not None and metrics is not None:
-                on_eval(done, metrics)
-            eta = (cfg.max_steps - done) * session_train_s / (done - first_step)
-            if cfg.max_seconds is not None:
-                eta = min(eta, cfg.max_seconds - elapsed)
-            bar.update(task, completed=done, info=f"loss {train_loss:.3f}  lr {lr:.2e}  {tok_s:,.0f} tok/s  "
-                                                  f"ETA {max(eta, 0):.0f} s")
-            if finishing:
-                break
+                # Rank 0's clock decides the budget, so every rank stops (and anneals) together.
+                elapsed, = dist.broadcast([time.monotonic() - clock0])
+                progress["elapsed"] = elapsed
+                out_of_time = cfg.max_seconds is not None and elapsed >= cfg.max_seconds
+                finishing = "max_steps" if done == cfg.max_steps else "max_seconds" if out_of_time else None
+                evaluating = done % cfg.eval_every == 0 or finishing is not None
+                tok_s = session_tokens / max(session_train_s, 1e-9)
+                if dist.main and (done % cfg.log_every == 0 or finishing):
+                    tracker.log("train", done, loss=train_loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
+                                elapsed_s=elapsed)
+                metrics = None
+                if evaluating:
+                    stop = 0.0
+                    if dist.main:
+                        metrics = evaluate(model, data, context=cfg.context, max_windows=cfg.eval_windows)
+                        stop = float(_after_eval(out, model, tok, cfg, progress, metrics, tracker, log, train_loss))
+                    if dist.broadcast([stop])[0] and finishing is None:
+                        finishing = "early_stopping"
+                if finishing:
+                    progress["finished"] = finishing
+                every = cfg.checkpoint_every or cfg.eval_every
+                if finishing or done % every == 0:
+                    rng = dist.gather(_rng_state(dev))
+                    if dist.main:
+                        _save_last(out, model, tok, opt, scaler, cfg, progress, rng)
+                if on_eval is not None and metrics is not None:
+                    on_eval(done, {**metrics, "elapsed_s": elapsed, "train_tokens": progress["tokens"]})
+                eta = (cfg.max_steps - done) * session_train_s / (done - first_step)
+                if cfg.max_seconds is not None:
+                    eta = min(eta, cfg.max_seconds - elapsed)
+                bar.update(task, completed=done, info=f"loss {train_loss:.3f}  lr {lr:.2e}  {tok_s:,.0f} tok/s  "
+                                                      f"ETA {max(eta, 0):.0f} s")
+                if finishing:
+                    break
+    except BaseException:  # a crash, a prune or Ctrl-C: the log stays readable, MLflow's run ends
+        tracker.close()
+        raise
 
     summary = {"preset": cfg.preset, "steps": progress["step"], "seconds": round(progress["elapsed"], 1),
                "tokens": progress["tokens"], "tokens_per_second": round(session_tokens / max(session_train_s, 1e-9)),
@@ -283,7 +287,6 @@ def _after_eval(out: Path, model, tok, cfg: TrainConfig, progress: dict, metrics
     log(f"step {step}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
         f"val bpc {metrics['bits_per_char']:.3f}" + ("  (best)" if improved else f"  ({progress['bad_evals']} "
                                                       f"without improvement)"))
-    tracker.plot()
     return cfg.patience > 0 and progress["bad_evals"] >= cfg.patience
 
 

@@ -31,10 +31,15 @@ def register(app: typer.Typer) -> None:
         patience: int = typer.Option(None, help="early stopping after this many evaluations without improvement"),
         eval_every: int = typer.Option(None, help="steps between evaluations"),
         mlflow: bool = typer.Option(None, "--mlflow/--no-mlflow", help="also track to MLflow in OUT/mlflow.db (needs mlflow)"),
+        threads: int = typer.Option(None, help="CPU threads per process (default: torch's choice)"),
     ):
         """Train a model from a preset and recipe on prepared data (torchrun: -m nima_edge.train)."""
+        import torch
+
         from nima_edge.train.recipe import build_config
         from nima_edge.train.trainer import train as run_train
+        if threads:
+            torch.set_num_threads(threads)
         overrides = dict(preset=preset, max_steps=steps, max_seconds=minutes * 60 if minutes else None,
                          batch_size=batch_size, grad_accum=grad_accum, context=context, lr=lr, optimizer=optimizer,
                          dropout=dropout, precision=precision, device=device, patience=patience,

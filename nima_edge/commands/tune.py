@@ -1,0 +1,26 @@
+"""nima-edge tune: Optuna search over learning rate, batch size, dropout and warmup; writes the best recipe."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def tune(
+        data: Path = typer.Option(Path("data/shakespeare-char"), help="prepared data directory"),
+        out: Path = typer.Option(Path("runs/tuned.toml"), help="recipe TOML to write"),
+        recipe: str = typer.Option(None, help="base recipe (default: the preset's bundled one)"),
+        preset: str = typer.Option(None, help="nima-0.5m | nima-1m | nima-5m | nima-10m"),
+        minutes: float = typer.Option(10.0, help="wall-clock budget of the whole search"),
+        trial_minutes: float = typer.Option(1.0, help="training time of each trial"),
+        seed: int = typer.Option(0, help="sampler seed"),
+    ):
+        """Search hyper-parameters with pruning on a wall-clock budget; write the best recipe."""
+        from nima_edge.train.recipe import build_config
+        from nima_edge.train.tune import tune as run_tune
+        base = build_config(recipe, {"preset": preset} if preset else {})
+        figures = run_tune(data, out, base, minutes * 60, trial_minutes * 60, seed=seed, log=Console().print)
+        Console().print(f"wrote {out}: val loss {figures['val_loss']} after {figures['trials']} trials")

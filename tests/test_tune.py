@@ -1,0 +1,45 @@
+"""nima-edge tune: an Optuna search on a wall-clock budget that writes a loadable recipe."""
+from __future__ import annotations
+
+import pytest
+
+from nima_edge.errors import NimaError
+from nima_edge.train import recipe
+from nima_edge.train.recipe import TrainConfig
+from nima_edge.train.tune import BATCH_SIZES, tune
+
+optuna = pytest.importorskip("optuna")
+BASE = TrainConfig(preset="nima-0.5m", context=32, eval_windows=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: see tests/test_train.py (OpenMP spinning on a loaded machine)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tune_writes_the_best_recipe(char_data, tmp_path):
+    out = tmp_path / "best.toml"
+    figures = tune(char_data, out, BASE, budget_s=12, trial_s=3, log=lambda *_: None)
+    cfg = recipe.load(out)
+    measured = recipe.measured(out)
+    assert measured["trials"] >= 2 and measured["val_loss"] == figures["val_loss"]
+    assert 1e-3 <= cfg.lr <= 3e-2 and cfg.batch_size in BATCH_SIZES and 0 <= cfg.dropout <= 0.2
+    assert cfg.max_seconds == 3 and cfg.schedule_clock == "time" and cfg.preset == "nima-0.5m"
+
+
+def test_pruned_trials_do_not_count(char_data, tmp_path):
+    # A pruner that stops every trial at its first report: nothing completes, and tune says so.
+    with pytest.raises(NimaError, match="no tuning trial completed"):
+        tune(char_data, tmp_path / "x.toml", BASE, budget_s=6, trial_s=3, log=lambda *_: None,
+             pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    assert not (tmp_path / "x.toml").exists()
+
+
+def test_budget_smaller_than_a_trial_is_an_error(char_data, tmp_path):
+    with pytest.raises(NimaError, match="does not fit one trial"):
+        tune(char_data, tmp_path / "x.toml", BASE, budget_s=10, trial_s=60)

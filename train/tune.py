@@ -1,0 +1,105 @@
+"""Hyper-parameter search with Optuna: learning rate, batch size, dropout and warmup, on a wall-clock budget.
+
+Each trial trains for the same wall-clock slice (the cosine decays over that slice) and reports its
+validation loss at fixed token counts, so the median pruner compares trials at equal data seen and
+stops the hopeless ones early. The best trial's settings are written as a recipe.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from nima_edge.atomic import write_text
+from nima_edge.errors import NimaError
+from nima_edge.train import recipe
+from nima_edge.train.recipe import TrainConfig
+from nima_edge.train.trainer import train
+
+BATCH_SIZES = (8, 16, 32, 64)
+EVALS_PER_TRIAL = 6  # reports per trial for the pruner, roughly
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError as e:
+        raise NimaError("nima-edge tune needs optuna", "pip install 'nima-edge[train]'") from e
+    return optuna
+
+
+def suggest(trial, base: TrainConfig, trial_seconds: float, tokens_per_report: int) -> TrainConfig:
+    """The trial's settings: the four searched values on top of `base`, timed to `trial_seconds`."""
+    lr = trial.suggest_float("lr", 1e-3, 3e-2, log=True)
+    batch = trial.suggest_categorical("batch_size", [b for b in BATCH_SIZES if b % base.grad_accum == 0])
+    return TrainConfig(**{
+        **base.to_dict(), "lr": lr, "min_lr": lr / 10, "batch_size": batch,
+        "dropout": trial.suggest_float("dropout", 0.0, 0.2),
+        "warmup_steps": trial.suggest_int("warmup_steps", 0, 200, step=25),
+        "max_seconds": trial_seconds, "max_steps": 10 ** 9, "schedule": "cosine", "schedule_clock": "time",
+        "eval_every": max(1, tokens_per_report // (batch * base.context)), "patience": 0, "mlflow": False,
+    }).validate()
+
+
+def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: float, trial_s: float,
+         seed: int = 0, log=print, pruner=None) -> dict:
+    """Search for `budget_s` seconds in trials of `trial_s`; write the best recipe to `out`; return its figures.
+
+    `pruner` defaults to Optuna's median pruner (after two complete trials, stop a trial whose loss is
+    worse than the median of earlier trials at the same token count)."""
+    optuna = _optuna()
+    if trial_s <= 0 or budget_s < trial_s:
+        raise NimaError(f"a tuning budget of {budget_s:.0f} s does not fit one trial of {trial_s:.0f} s",
+                        "give --minutes at least --trial-minutes (several trials make a search)")
+    # Reports at multiples of one token count shared by every batch size: the pruner compares like with like.
+    step_tokens = BATCH_SIZES[-1] * base.context
+    tokens_per_report = step_tokens * max(1, round(_tokens_in(trial_s, data_dir, base) / EVALS_PER_TRIAL / step_tokens))
+
+    def objective(trial) -> float:
+        cfg = suggest(trial, base, trial_s, tokens_per_report)
+
+        def report(step: int, metrics: dict) -> None:
+            trial.report(metrics["loss"], step=metrics["train_tokens"])
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        with tempfile.TemporaryDirectory(prefix="nima-tune-") as tmp:
+            summary = train(data_dir, tmp, cfg, log=lambda *_: None, on_eval=report)
+        trial.set_user_attr("steps", summary["steps"])
+        trial.set_user_attr("bits_per_char", summary["val"]["bits_per_char"])
+        return summary["best"]["loss"]
+
+    def progress(study, trial) -> None:
+        value = "pruned" if trial.state == optuna.trial.TrialState.PRUNED else f"val loss {trial.value:.4f}"
+        log(f"trial {trial.number}: {value}  {trial.params}")
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
+                                pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+    start = time.monotonic()
+    # Optuna's timeout only stops *starting* trials; leave room for the last one to finish inside the budget.
+    study.optimize(objective, timeout=max(budget_s - trial_s, 1e-3), callbacks=[progress], catch=())
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        raise NimaError("no tuning trial completed within the budget", "give --minutes more time")
+    best = study.best_trial
+    cfg = suggest(optuna.trial.FixedTrial(best.params), base, trial_s, tokens_per_report)
+    figures = {"val_loss": round(best.value, 4), "val_bits_per_char": round(best.user_attrs["bits_per_char"], 4),
+               "steps": best.user_attrs["steps"], "trial_seconds": trial_s, "trials": len(study.trials),
+               "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
+               "search_seconds": round(time.monotonic() - start), "data": str(data_dir)}
+    write_text(out, recipe.dumps(cfg, measured=figures, header=(
+        f"Tuned by nima-edge tune: best of {figures['trials']} trials ({figures['pruned']} pruned),\n"
+        f"each {trial_s:.0f} s of training; val loss {figures['val_loss']} nats/token.")))
+    log(f"best trial {best.number}: val loss {best.value:.4f}  {best.params} -> {out}")
+    return figures
+
+
+def _tokens_in(seconds: float, data_dir, cfg: TrainConfig) -> float:
+    """Training tokens a trial of `seconds` will see, from a short timed run (a rough figure is enough)."""
+    with tempfile.TemporaryDirectory(prefix="nima-tune-") as tmp:
+        probe = {**cfg.to_dict(), "batch_size": BATCH_SIZES[-1], "grad_accum": 1, "max_steps": 5, "max_seconds": None,
+                 "schedule_clock": "steps", "eval_every": 10 ** 6, "eval_windows": 1, "mlflow": False}
+        s = train(data_dir, tmp, TrainConfig(**probe), log=lambda *_: None)
+    return s["tokens_per_second"] * seconds
