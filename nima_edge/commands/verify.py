@@ -1,0 +1,63 @@
+"""nima-edge verify and nima-edge bench."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def verify(
+        artifact: Path = typer.Argument(..., help="exported artifact (its manifest names target and quant)"),
+        reference: Path = typer.Option(None, help="checkpoint to compare with (default: the manifest's source)"),
+        data: Path = typer.Option(None, help="prepared data directory for the perplexity check"),
+        threads: int = typer.Option(None),
+        json_out: Path = typer.Option(None, "--json", help="also write the report here"),
+    ):
+        """Compare an artifact with its PyTorch reference; exit 1 when a check fails."""
+        from nima_edge.verify import verify_artifact
+        with Console(stderr=True).status(f"verifying {artifact}"):
+            report = verify_artifact(artifact, reference, data, threads)
+        if json_out:
+            json_out.write_text(json.dumps(report, indent=2) + "\n")
+        print_report(artifact, report)
+        raise typer.Exit(0 if report["passed"] else 1)
+
+    @app.command()
+    def bench(
+        artifacts: list[Path] = typer.Argument(..., help="artifacts to time"),
+        profile: str = typer.Option("desktop-cpu", help="profile name in benchmarks/profiles or a TOML path"),
+        out: Path = typer.Option(Path("artifacts/bench"), help="folder for bench.json, bench.md, bench.png"),
+        baseline: Path = typer.Option(None, help="earlier bench.json to flag regressions against"),
+    ):
+        """Time each artifact against the profile's budget; exit 1 on a miss or regression."""
+        from nima_edge.benchmarks.harness import load_profile, run_bench
+        prof = load_profile(profile)
+        console = Console()
+        report = run_bench(artifacts, prof, out, baseline,
+                           progress=lambda r: console.print(f"  {r['name']}: " + (
+                               f"{r['gen_ms_median']:.1f} ms" if "error" not in r else f"[red]{r['error'][-200:]}")))
+        print((out / "bench.md").read_text())  # plain: a Markdown table must not be re-wrapped
+        console.print(f"wrote {out}/bench.json, bench.md, bench.png")
+        raise typer.Exit(0 if report["passed"] else 1)
+
+
+def print_report(artifact: Path, r: dict) -> None:
+    t = Table(title=f"verify {artifact} ({r['target']}, {r['quant']}, vs {r['reference']} reference)")
+    for col in ("check", "measured", "allowed", "result"):
+        t.add_column(col)
+    tol, ok = r["tolerance"], r["checks"]
+    mark = lambda b: "[green]pass" if b else "[red]FAIL"
+    t.add_row("token ids", f"{len(r['tokenizer']['mismatches'])} of {r['tokenizer']['strings']} differ", "0",
+              mark(ok["tokenizer"]))
+    t.add_row("logits max |diff|", f"{r['logits_max_abs']:.3g}", f"{tol['logits_max_abs']:.3g}", mark(ok["logits"]))
+    t.add_row("greedy agreement (50)", f"{r['greedy_agreement']:.2f}", f">= {tol['greedy_agreement']:.2f}",
+              mark(ok["greedy"]))
+    p = r["perplexity"]
+    t.add_row("perplexity", f"{p['artifact']:.3f} vs {p['reference']:.3f} ({p['rel_delta']:.2%})",
+              f"{tol['ppl_rel_delta']:.2%}", mark(ok["perplexity"]))
+    Console().print(t)
