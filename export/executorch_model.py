@@ -22,7 +22,7 @@ def load_custom_ops() -> None:
 def _start(input_pos: torch.Tensor, seq_len: int, max_context: int) -> int:
     # Unbacked symint: the checks tell torch.export it is a valid, in-range cache offset.
     start = input_pos[0].item()
-    torch._check_is_size(start)
+    torch._check(start >= 0)
     torch._check(start + seq_len <= max_context)
     return start
 

@@ -51,3 +51,11 @@ def tiny_ckpt(tmp_path_factory, char_data) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bpe_ckpt(tmp_path_factory, bpe_data) -> Path:
     return _train(bpe_data, tmp_path_factory.mktemp("ckpt") / "tiny-bpe", "nima-0.5m", 100)
+
+
+@pytest.fixture(scope="session")
+def tiny_pte(tmp_path_factory, tiny_ckpt) -> Path:
+    """The fp32 ExecuTorch export of tiny_ckpt (a directory: model.pte + tokenizer.json), about 30 s."""
+    pytest.importorskip("executorch", reason="the executorch extra is not installed")
+    from nima_edge.export import export
+    return export(tiny_ckpt, "executorch", tmp_path_factory.mktemp("pte") / "tiny-et", "fp32")

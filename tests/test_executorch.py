@@ -1,0 +1,137 @@
+"""ExecuTorch export (fp32): parity with PyTorch, the stock LLM runner, and clear errors for bad programs."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch", reason="the executorch extra is not installed")
+
+from nima_edge.errors import NimaError  # noqa: E402
+from nima_edge.manifest import read_manifest  # noqa: E402
+
+PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
+FP32_TOL = 1e-4
+
+
+def teacher_forced(rt, ids, split=8):
+    """Logits after a chunked prefill of ids[:split], then one decode per remaining id."""
+    rt.reset()
+    return np.stack([rt.prefill(ids[:split])] + [rt.decode(t) for t in ids[split:]])
+
+
+@pytest.fixture(scope="module")
+def torch_rt(tiny_ckpt):
+    from nima_edge.runtimes.torch_runtime import TorchRuntime
+    return TorchRuntime(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def et_rt(tiny_pte):
+    from nima_edge.runtimes import load_runtime
+    rt = load_runtime(tiny_pte, threads=2)
+    yield rt
+    rt.close()
+
+
+def test_fp32_logits_match_pytorch(torch_rt, et_rt):
+    ids = torch_rt.tokenize(PROMPT)
+    ref, got = teacher_forced(torch_rt, ids), teacher_forced(et_rt, ids)
+    assert got.shape == ref.shape == (len(ids) - 7, torch_rt.model.config.vocab_size)
+    assert np.abs(got - ref).max() < FP32_TOL
+
+
+def test_fp32_greedy_50_tokens_identical(torch_rt, et_rt):
+    ids = torch_rt.tokenize("ROMEO:")
+    ref = list(torch_rt.generate_ids(ids, 50, stop_at_eos=False))
+    got = list(et_rt.generate_ids(ids, 50, stop_at_eos=False))
+    assert len(ref) == 50 and got == ref
+
+
+def test_long_prompt_and_full_context(torch_rt, et_rt):
+    ids = (torch_rt.tokenize(PROMPT * 10))[: et_rt.context_length]
+    assert len(ids) == et_rt.context_length == 256
+    et_rt.reset()
+    last = et_rt.prefill(ids)
+    torch_rt.reset()
+    assert np.abs(last - torch_rt.prefill(ids)).max() < FP32_TOL
+    with pytest.raises(NimaError, match="context"):
+        et_rt.decode(ids[0])
+
+
+def test_stock_runner_generates_like_pytorch(tiny_pte, torch_rt):
+    """ExecuTorch's own TextLLMRunner reads the artifact; with num_bos=1 its BOS matches our tokenizer."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    runner = TextLLMRunner(str(tiny_pte / "model.pte"), str(tiny_pte / "tokenizer.json"))
+    pieces, stats = [], []
+    config = GenerationConfig(echo=False, max_new_tokens=20, temperature=0.0, num_bos=1, warming=True)
+    runner.generate("ROMEO:", config, token_callback=pieces.append, stats_callback=stats.append)
+    ids = torch_rt.tokenize("ROMEO:")
+    assert stats[0].num_prompt_tokens == len(ids)  # BOS + the prompt, exactly as our tokenizer encodes
+    expected = torch_rt.detokenize(torch_rt.generate_ids(ids, 20))
+    assert expected and "".join(pieces) == expected
+
+
+def test_metadata_and_manifest(tiny_pte, et_rt, tiny_ckpt):
+    m = et_rt.metadata
+    assert m["get_max_context_len"] == 256 and m["get_bos_id"] == 0 and m["get_eos_ids"] == [1]
+    assert m["use_kv_cache"] and m["use_sdpa_with_kv_cache"] and m["enable_dynamic_shape"]
+    manifest = read_manifest(tiny_pte)
+    assert manifest["target"] == "executorch" and manifest["quant"] == "fp32"
+    assert {f["name"] for f in manifest["files"]} == {"model.pte", "tokenizer.json", "tokenizer_config.json"}
+    assert manifest["source"]["checkpoint"] == str(tiny_ckpt)
+
+
+def test_detect_target(tiny_pte):
+    from nima_edge.runtimes import detect_target
+    assert detect_target(tiny_pte) == "executorch"
+    assert detect_target(tiny_pte / "model.pte") == "executorch"
+
+
+def _copy_tokenizer(src, dst):
+    dst.mkdir(exist_ok=True)
+    shutil.copy(src / "tokenizer.json", dst / "tokenizer.json")
+    return dst
+
+
+def test_corrupt_pte_is_refused(tiny_pte, tmp_path):
+    from nima_edge.runtimes.executorch_runtime import ExecuTorchRuntime
+    d = _copy_tokenizer(tiny_pte, tmp_path / "corrupt")
+    data = (tiny_pte / "model.pte").read_bytes()
+    (d / "model.pte").write_bytes(data[: len(data) // 3])
+    with pytest.raises(NimaError, match="not a loadable ExecuTorch program"):
+        ExecuTorchRuntime(d)
+    (d / "model.pte").write_bytes(b"definitely not a flatbuffer")
+    with pytest.raises(NimaError, match="not a loadable ExecuTorch program"):
+        ExecuTorchRuntime(d / "model.pte")
+
+
+def test_program_without_llm_interface_is_refused(tiny_pte, tmp_path):
+    from executorch.exir import to_edge
+
+    from nima_edge.runtimes.executorch_runtime import ExecuTorchRuntime
+    ep = torch.export.export(torch.nn.Linear(4, 4).eval(), (torch.randn(1, 4),))
+    d = _copy_tokenizer(tiny_pte, tmp_path / "linear")
+    (d / "model.pte").write_bytes(to_edge(ep).to_executorch().buffer)
+    with pytest.raises(NimaError, match="lacks the LLM interface"):
+        ExecuTorchRuntime(d)
+
+
+def test_missing_pieces_are_refused(tiny_pte, tmp_path):
+    from nima_edge.runtimes.executorch_runtime import ExecuTorchRuntime
+    (tmp_path / "lone").mkdir()
+    shutil.copy(tiny_pte / "model.pte", tmp_path / "lone" / "model.pte")
+    with pytest.raises(NimaError, match="no tokenizer.json"):
+        ExecuTorchRuntime(tmp_path / "lone")
+    with pytest.raises(NimaError, match="no ExecuTorch program"):
+        ExecuTorchRuntime(tmp_path)
+
+
+def test_bad_export_options(tiny_ckpt, tmp_path):
+    from nima_edge.export import export
+    with pytest.raises(NimaError, match="not an ExecuTorch scheme"):
+        export(tiny_ckpt, "executorch", tmp_path / "x", "q4_0")
+    with pytest.raises(NimaError, match="is a directory"):
+        export(tiny_ckpt, "executorch", tmp_path / "x.pte", "fp32")
