@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from nima_edge import checkpoint
 from nima_edge.errors import NimaError
 from nima_edge.train import recipe
+from nima_edge.train.checkpointing import last_dir, read_state
 from nima_edge.train.optim import Lion
 from nima_edge.train.recipe import TrainConfig
 from nima_edge.train.schedules import lr_at
@@ -149,6 +151,15 @@ def test_resume_equals_uninterrupted(char_data, tmp_path):
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
 
 
+def test_resume_survives_a_kill_between_the_two_renames(baseline_run, char_data, tmp_path):
+    """atomic_dir moves OUT/last aside before moving the new copy in; a kill in between leaves .last.old."""
+    run = tmp_path / "run"
+    shutil.copytree(baseline_run, run)
+    (run / "last").rename(run / ".last.old")
+    assert train(char_data, run, None, resume=True, overrides={"max_steps": 4}, **QUIET)["steps"] == 4
+    assert read_state(run / "last")["progress"]["step"] == 4
+
+
 def test_resume_refuses_changed_settings_and_missing_run(char_data, tmp_path, baseline_run):
     with pytest.raises(NimaError, match="no resumable checkpoint"):
         train(char_data, tmp_path / "nothing", None, resume=True, **QUIET)
@@ -225,14 +236,18 @@ def test_kill_9_leaves_a_resumable_checkpoint(char_data, tmp_path):
     state = out / "last" / "trainer_state.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["progress"]["step"] >= 6:
-            break
+        try:
+            if json.loads(state.read_text())["progress"]["step"] >= 6:
+                break
+        except (OSError, ValueError):  # not written yet, or caught between atomic_dir's two renames
+            pass
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # mid-run, possibly mid-write
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    step = json.loads((out / "last" / "trainer_state.json").read_text())["progress"]["step"]
-    checkpoint.load(out / "last")  # complete, not corrupt
+    last = last_dir(out)  # OUT/last, or its complete previous copy if the kill fell between two renames
+    step = read_state(last)["progress"]["step"]
+    checkpoint.load(last)  # complete, not corrupt
     checkpoint.load(out)  # the published best too
     summary = train(char_data, out, None, resume=True, overrides={"max_steps": step + 2}, **QUIET)
     assert summary["steps"] == step + 2
@@ -269,8 +284,8 @@ def test_bad_recipes_name_the_problem(tmp_path, text, message):
 def test_cli_bad_recipe_is_a_clean_error(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[optimizer]\nlr = -1.0\n")
-    proc = subprocess.run([sys.executable, "-m", "nima_edge.train", "--recipe", str(path), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=_env(), timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "nima_edge.train", "--recipe", str(path), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "fix:" in proc.stderr and "Traceback" not in proc.stderr
 

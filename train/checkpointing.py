@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, load_file, save
+from safetensors.torch import load_file, save
 
 from nima_edge import checkpoint
 from nima_edge.atomic import write_text
@@ -86,7 +86,8 @@ def read_state(last: Path) -> dict:
     try:
         return json.loads((last / STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise NimaError(f"resumable checkpoint {last} is unreadable: {e}", "start the run again without --resume") from e
+        raise NimaError(f"resumable checkpoint {last} is unreadable: {e}",
+                        "start the run again without --resume") from e
 
 
 def load_last(run_dir: Path, device: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], Path]:

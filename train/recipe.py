@@ -146,7 +146,8 @@ def from_dict(d: dict, where: str = "recipe", base: TrainConfig | None = None) -
             raise NimaError(f"{where}: unknown section [{section}]",
                             f"sections are: {', '.join(f'[{s}]' for s in (*SECTIONS, *FREE_SECTIONS))}")
         if not isinstance(body, dict):
-            raise NimaError(f"{where}: {section} must be a [section] table, not a value", f"write [{section}] above its keys")
+            raise NimaError(f"{where}: {section} must be a [section] table, not a value",
+                            f"write [{section}] above its keys")
         for key, value in body.items():
             if key not in SECTIONS[section]:
                 home = next((s for s, keys in SECTIONS.items() if key in keys), None)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import BarColumn, Progress, TextColumn
 
 from nima_edge import checkpoint
 from nima_edge.atomic import write_text
@@ -167,11 +167,11 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
     elapsed = progress["elapsed"]
     session_tokens, session_train_s, first_step = 0, 0.0, progress["step"]
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   disable=not dist.main)
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.fields[step]:,}"),
+                   TextColumn("{task.fields[info]}"), disable=not dist.main)
     try:
         with bar:
-            task = bar.add_task("train", total=cfg.max_steps, completed=progress["step"], info="")
+            task = bar.add_task("train", total=1.0, completed=_fraction(progress, cfg), step=progress["step"], info="")
             for step in range(progress["step"], cfg.max_steps):
                 t_step = time.monotonic()
                 frac = elapsed / cfg.max_seconds if cfg.schedule_clock == "time" else None
@@ -180,26 +180,10 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
                     group["lr"] = lr
                 starts = batch_starts(cfg.seed, step, len(train_tokens), cfg.context, cfg.batch_size)
                 mine = starts[dist.rank * micro * cfg.grad_accum:(dist.rank + 1) * micro * cfg.grad_accum]
-                loss_sum = torch.zeros((), device=dev)
-                for m in range(cfg.grad_accum):
-                    x, y = windows(train_tokens, tok.bos_id, cfg.context, mine[m * micro:(m + 1) * micro])
-                    with dist.no_sync(net, sync=m == cfg.grad_accum - 1):
-                        with autocast():
-                            _, loss = net(x.to(dev), y.to(dev))
-                        # mean over the micro-batch / accum steps; DDP averages over ranks -> mean over the global batch
-                        scaled = loss / cfg.grad_accum
-                        (scaler.scale(scaled) if scaler else scaled).backward()
-                    loss_sum += loss.detach()
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                train_loss = loss_sum.item() / cfg.grad_accum  # this rank's share; every rank's would need a reduce
+                batches = [windows(train_tokens, tok.bos_id, cfg.context, mine[m * micro:(m + 1) * micro])
+                           for m in range(cfg.grad_accum)]
+                train_loss, grad_norm = _optimizer_step(net, opt, scaler, autocast, batches, params, cfg.grad_clip,
+                                                        dist, dev)
                 session_train_s += time.monotonic() - t_step
                 session_tokens += step_tokens
                 done = step + 1
@@ -213,7 +197,7 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
                 evaluating = done % cfg.eval_every == 0 or finishing is not None
                 tok_s = session_tokens / max(session_train_s, 1e-9)
                 if dist.main and (done % cfg.log_every == 0 or finishing):
-                    tracker.log("train", done, loss=train_loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s,
+                    tracker.log("train", done, loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s,
                                 elapsed_s=elapsed)
                 metrics = None
                 if evaluating:
@@ -235,8 +219,8 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
                 eta = (cfg.max_steps - done) * session_train_s / (done - first_step)
                 if cfg.max_seconds is not None:
                     eta = min(eta, cfg.max_seconds - elapsed)
-                bar.update(task, completed=done, info=f"loss {train_loss:.3f}  lr {lr:.2e}  {tok_s:,.0f} tok/s  "
-                                                      f"ETA {max(eta, 0):.0f} s")
+                bar.update(task, completed=_fraction(progress, cfg), step=done,
+                           info=f"loss {train_loss:.3f}  lr {lr:.2e}  {tok_s:,.0f} tok/s  ETA {max(eta, 0):.0f} s")
                 if finishing:
                     break
     except BaseException:  # a crash, a prune or Ctrl-C: the log stays readable, MLflow's run ends
@@ -257,6 +241,36 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
             f"{summary['tokens_per_second']:,} tokens/s; best val loss {progress['best_loss']:.4f} "
             f"at step {progress['best_step']}")
     return summary
+
+
+def _fraction(progress: dict, cfg: TrainConfig) -> float:
+    """How far the run is through whichever budget (steps or seconds) ends it first."""
+    frac = progress["step"] / cfg.max_steps
+    return max(frac, progress["elapsed"] / cfg.max_seconds) if cfg.max_seconds else frac
+
+
+def _optimizer_step(net, opt, scaler, autocast, batches, params, grad_clip: float, dist, dev) -> tuple[float, float]:
+    """Accumulate gradients over `batches` (syncing across ranks on the last), clip, step.
+    Returns this rank's mean micro-batch loss and the gradient norm before clipping."""
+    loss_sum = torch.zeros((), device=dev)
+    for m, (x, y) in enumerate(batches):
+        with dist.no_sync(net, sync=m == len(batches) - 1):
+            with autocast():
+                _, loss = net(x.to(dev), y.to(dev))
+            # mean over the micro-batch / accum steps; DDP averages over ranks -> mean over the global batch
+            scaled = loss / len(batches)
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        loss_sum += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum.item() / len(batches), float(grad_norm)
 
 
 def _done_reason(progress: dict, cfg: TrainConfig) -> str | None:

@@ -6,7 +6,6 @@ stops the hopeless ones early. The best trial's settings are written as a recipe
 """
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path

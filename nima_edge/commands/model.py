@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(None, help="auto | cpu | cuda"),
         patience: int = typer.Option(None, help="early stopping after this many evaluations without improvement"),
         eval_every: int = typer.Option(None, help="steps between evaluations"),
-        mlflow: bool = typer.Option(None, "--mlflow/--no-mlflow", help="also track to MLflow in OUT/mlflow.db (needs mlflow)"),
+        mlflow: bool = typer.Option(None, "--mlflow/--no-mlflow",
+                                    help="also track to MLflow in OUT/mlflow.db (needs mlflow)"),
         threads: int = typer.Option(None, help="CPU threads per process (default: torch's choice)"),
     ):
         """Train a model from a preset and recipe on prepared data (torchrun: -m nima_edge.train)."""
