@@ -67,8 +67,10 @@ def quantized_checkpoint(ckpt: Path, weights: str, data_dir: Path | None, work: 
     return out
 
 
-def build_all(ckpt: Path, out_dir: Path, data_dir: Path | None, plan=PLAN, log=print) -> tuple[list[Path], list[str]]:
-    """Export every planned artifact whose target is available; returns (artifacts, skipped reasons)."""
+def build_all(ckpt: Path, out_dir: Path, data_dir: Path | None, plan=PLAN, log=print,
+              prefix: str = "") -> tuple[list[Path], list[str]]:
+    """Export every planned artifact whose target is available, named `prefix` + target-quant;
+    returns (artifacts, skipped reasons)."""
     from nima_edge.export import export
     artifacts, skipped = [], []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,7 @@ def build_all(ckpt: Path, out_dir: Path, data_dir: Path | None, plan=PLAN, log=p
         src = quantized_checkpoint(ckpt, b.weights, data_dir, out_dir)
         log(f"export {b.target} {b.quant} <- {src.name}")
         try:
-            artifacts.append(export(src, b.target, out_dir / b.filename, b.quant))
+            artifacts.append(export(src, b.target, out_dir / (prefix + b.filename), b.quant))
         except NimaError as e:
             skipped.append(f"{b.target} {b.quant}: {e.problem}")
     return artifacts, skipped
