@@ -214,14 +214,14 @@ def _env():
 
 
 def test_ddp_two_processes_equal_one(baseline_run, char_data, tmp_path):
-    """torchrun, 2 gloo processes x 4 windows == 1 process x 8 windows (same global batch, same steps)."""
+    """torchrun, 2 gloo processes x 2 accumulation steps x 2 windows == 1 process x 8 windows."""
     out = tmp_path / "ddp"
     rc = tiny(max_steps=3)
     recipe_file = tmp_path / "r.toml"
     recipe_file.write_text(recipe.dumps(rc))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "nima_edge.train", "--data", str(char_data), "--out", str(out),
-                           "--recipe", str(recipe_file), "--device", "cpu"],
+                           "--recipe", str(recipe_file), "--device", "cpu", "--grad-accum", "2"],
                           capture_output=True, text=True, env=_env(), timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert checkpoint.read_meta(out)["training"]["processes"] == 2
