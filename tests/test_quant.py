@@ -79,6 +79,21 @@ def test_gptq_lowers_the_layer_output_error_against_rtn(bits, group, sym, act_or
     assert out_err(q.dequantize()) < 0.8 * out_err(rtn(w, bits, group, sym).dequantize())
 
 
+def test_gptq_with_uncorrelated_inputs_is_rtn():
+    w, _ = correlated_layer()
+    q = gptq(w, torch.eye(256, dtype=torch.float64), 4, 32)  # nothing to compensate with: plain rounding
+    r = rtn(w, 4, 32)
+    assert torch.equal(q.codes, r.codes) and torch.equal(q.scales, r.scales)
+
+
+def test_gptq_lazy_block_updates_do_not_change_the_result():
+    w, x = correlated_layer()
+    h = Hessian(256)
+    h.add(x)
+    a, b = gptq(w, h.H, 4, 32, block_size=32), gptq(w, h.H, 4, 32, block_size=256)
+    assert (a.codes != b.codes).float().mean() < 1e-3  # equal up to float64 rounding at ties
+
+
 def test_widths_that_are_not_a_multiple_of_the_group_are_a_clear_error():
     model = NimaForCausalLM(ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=160, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=2))
