@@ -17,10 +17,15 @@ def register(app: typer.Typer) -> None:
         minutes: float = typer.Option(10.0, help="wall-clock budget of the whole search"),
         trial_minutes: float = typer.Option(1.0, help="training time of each trial"),
         seed: int = typer.Option(0, help="sampler seed"),
+        threads: int = typer.Option(None, help="CPU threads (default: torch's choice)"),
     ):
         """Search hyper-parameters with pruning on a wall-clock budget; write the best recipe."""
+        import torch
+
         from nima_edge.train.recipe import build_config
         from nima_edge.train.tune import tune as run_tune
+        if threads:
+            torch.set_num_threads(threads)
         base = build_config(recipe, {"preset": preset} if preset else {})
         figures = run_tune(data, out, base, minutes * 60, trial_minutes * 60, seed=seed, log=Console().print)
         Console().print(f"wrote {out}: val loss {figures['val_loss']} after {figures['trials']} trials")
