@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--record", type=Path, help="write the recipe with these figures under [measured] to this file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,7 +187,34 @@ def main(argv=None) -> int:
     console.print(f"load average before {results['load_before']}, after {results.get('load_after')}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.record and "ours" in results:
+        record(args.record, args.recipe, results)
     return 0
+
+
+def record(path: Path, recipe_name: str, results: dict) -> None:
+    """Write the recipe that was run, with what it reached under [measured]."""
+    ours = results["ours"]
+    load = [results[k][0] for k in ("load_before", "load_after_baseline", "load_after") if k in results]
+    measured = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{results['cpus']} CPU cores shared with other jobs (1-minute load average "
+                   f"{min(load):.1f}-{max(load):.1f}), {results['threads']} torch thread(s)",
+        "benchmark": "python benchmarks/train_shakespeare.py (tinyshakespeare, char tokenizer, 90/10 split)",
+        "budget_seconds": results["budget_seconds"], "steps": ours["steps"],
+        "train_tokens_per_second": ours["tokens_per_second"],
+        "val_loss_nats_per_char": ours["val_loss"], "val_bits_per_char": ours["val_bits_per_char"],
+    }
+    if "baseline" in results:
+        b = results["baseline"]
+        measured["baseline"] = {"model": b["model"], "steps": b["steps"],
+                                "train_tokens_per_second": b["tokens_per_second"],
+                                "val_loss_nats_per_char": b["val_loss"], "val_bits_per_char": b["val_bits_per_char"]}
+    cfg = recipe.build_config(recipe_name, {})
+    header = (f"{cfg.preset}: the settings that reached the best validation loss measured in a "
+              f"{results['budget_seconds'] / 60:g}-minute CPU budget.\nFigures under [measured]; "
+              f"val = every window of the validation split at the training context.")
+    path.write_text(recipe.dumps(cfg, measured=measured, header=header))
 
 
 if __name__ == "__main__":
