@@ -7,6 +7,7 @@ by our exporter, serves streaming decode and the special ids.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -106,7 +107,17 @@ class LlamaCppRuntime(Runtime):
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self.llm.detokenize(list(ids), special=False).decode("utf-8", errors="replace")
+        # llama.cpp's own llama_detokenize: Llama.detokenize strips a space after BOS (a Llama-1 SPM rule)
+        ids = list(ids)
+        tokens = (llama_cpp.llama_token * len(ids))(*ids)
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        size = 16 * len(ids) + 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(vocab, tokens, len(ids), buf, size, True, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n  # too small: llama.cpp returns minus the length it needs
 
     def _prefill(self, ids: Sequence[int]) -> np.ndarray:
         self.llm.eval(list(ids))
