@@ -79,13 +79,15 @@ def read_metadata(path: str | Path) -> dict:
 class LlamaCppRuntime(Runtime):
     target = "gguf"
 
-    def __init__(self, path: str | Path, threads: int | None = None, kv_type: str = "f16",
+    def __init__(self, path: str | Path, threads: int | None = None, kv_type: str | None = None,
                  context_length: int | None = None):
         super().__init__()
         meta = read_metadata(path)
         if TOKENIZER_JSON_KEY not in meta:
             raise NimaError(f"{path} was not written by nima-edge (no {TOKENIZER_JSON_KEY})",
                             "export the checkpoint with nima-edge export --target gguf")
+        # an all-F32 file is the exact one, so its cache is F32 too; llama.cpp's F16 cache otherwise
+        kv_type = kv_type or ("f32" if meta.get("general.file_type") == gguf.LlamaFileType.ALL_F32 else "f16")
         if kv_type not in KV_TYPES:
             raise NimaError(f"unknown KV cache type {kv_type!r}", f"choose one of: {', '.join(KV_TYPES)}")
         self.tokenizer = Tokenizer(HFTokenizer.from_str(meta[TOKENIZER_JSON_KEY]))
