@@ -12,6 +12,7 @@ import ctypes
 import logging
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import gguf
@@ -67,9 +68,10 @@ def export(ckpt: Path, out: Path, quant: str, threads: int | None = None, **_opt
         extra["weights"] = (f"llama.cpp's quantizer ({quant}) from the float weights"
                             + ("; the checkpoint's quantization result is not used" if result else ""))
         if extra["fallbacks"]:
-            log.warning("llama.cpp stored %d tensor(s) in a fallback type (listed in the manifest): %s",
-                        len(extra["fallbacks"]), ", ".join(f"{f['tensor']} {f['wanted']}->{f['used']}"
-                                                            for f in extra["fallbacks"]))
+            kinds = Counter(f"{f['wanted']}->{f['used']}" for f in extra["fallbacks"])
+            log.warning("llama.cpp stored %d tensor(s) in a fallback type (%s; the width is not a multiple of "
+                        "the type's block); each is listed in the manifest", len(extra["fallbacks"]),
+                        ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items())))
     extra["tensor_types"] = tensor_types(out)
     write_manifest(out, "gguf", quant, ckpt, gguf=extra)
     return out
