@@ -22,7 +22,7 @@ from nima_edge.manifest import write_manifest
 TARGET = "tensorrt"
 ENGINE_FILE, CONFIG_FILE = "model.engine", "nima_trt.json"
 QUANTS = ("f32", "int4")
-INSTALL = "pip install tensorrt-cu12 (or tensorrt-cu13) on a machine with an NVIDIA GPU and driver"
+INSTALL = "pip install tensorrt-cu12 (or tensorrt-cu13; the 'tensorrt' extra) on a machine with an NVIDIA GPU"
 
 
 def import_tensorrt():

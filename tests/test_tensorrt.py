@@ -24,7 +24,7 @@ needs_gpu = pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()),
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here, so the missing-package error cannot occur")
 def test_missing_tensorrt_names_the_install(tiny_ckpt, tmp_path):
-    with pytest.raises(NimaError, match="pip install tensorrt"):
+    with pytest.raises(NimaError, match="tensorrt-cu12"):
         export(tiny_ckpt, "tensorrt", tmp_path / "trt", "f32")
 
 
