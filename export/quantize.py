@@ -244,9 +244,12 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, bits: int = 4, group_
     info = {"source": str(ckpt), "source_sha256": checkpoint.checkpoint_hash(ckpt)}
     calib = None
     if method == "gptq":
-        data = TokenData(data_dir) if data_dir is not None else None
-        if data is None:
+        if data_dir is None:
             raise NimaError("GPTQ needs calibration text", "pass --data DIR (a prepared data directory)")
+        if samples < 1 or length < 2:
+            raise NimaError(f"cannot calibrate on {samples} windows of {length} tokens",
+                            "use e.g. --samples 64 --calib-length 256")
+        data = TokenData(data_dir)
         if data.tokenizer.hf.get_vocab() != tok.hf.get_vocab():
             raise NimaError(f"the data in {data_dir} was tokenized with another tokenizer than {ckpt}",
                             "pass the data directory the checkpoint was trained on")
