@@ -43,12 +43,15 @@ def _quantize_linear(linear: torch.nn.Linear, bits: int, group_size: int | None)
 
 @torch.no_grad()
 def _load_codes(linear: torch.nn.Linear, q) -> None:
-    """Overwrite torchao's qdata/scale with our codes and scales (symmetric: zero point 0)."""
+    """Overwrite the torchao weight's qdata/scale/zero_point with our result (export/packing.py layout).
+
+    torchao's config builds the tensor with the right block size and activation quantization; only
+    its numbers are replaced, so the .pte carries our codes.
+    """
+    from nima_edge.export.packing import pack_intx
     w = linear.weight
-    zeros = q.zeros.to(torch.int16).repeat_interleave(q.group_size, dim=1)
-    w.qdata.copy_((q.codes.to(torch.int16) - zeros).to(torch.int8))
-    w.scale.copy_(q.scales.reshape(w.scale.shape))
-    w.zero_point.zero_()
+    for name, value in zip(("qdata", "scale", "zero_point"), pack_intx(q)):
+        getattr(w, name).copy_(value.reshape(getattr(w, name).shape))
 
 
 def _check_8da4w(result: dict) -> None:
