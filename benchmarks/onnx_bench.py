@@ -1,7 +1,8 @@
 """Latency of the ONNX targets next to onnxruntime-genai's own builder output from the same checkpoint.
 
 ms for 50 generated tokens after a 16-token prompt (prefill + 49 decodes, greedy), median and p90 over
---runs runs after one warm-up, at --threads intra-op threads. Weights are random-init presets: speed does
+--runs runs after one warm-up, at --threads intra-op threads; artifacts are timed round-robin so that
+other load on the machine affects every row alike. Weights are random-init presets: speed does
 not depend on training, so no trained checkpoint is needed.
 
     python -m nima_edge.benchmarks.onnx_bench --presets nima-1m nima-10m --threads 2 --runs 7
@@ -53,18 +54,20 @@ def builder_output(ckpt: Path, out: Path, precision: str) -> Path:
     return out
 
 
-def time_generation(path: Path, target: str, threads: int, runs: int) -> list[float]:
-    rt = load_runtime(path, target=target, threads=threads)
-    prompt = rt.tokenize("To be, or not to")[:PROMPT_TOKENS]
-    assert len(prompt) == PROMPT_TOKENS
-    times = []
+def time_rounds(artifacts: dict[str, tuple[Path, str]], threads: int, runs: int) -> dict[str, list[float]]:
+    """Round-robin: each round times every artifact once, so load from other processes hits all alike."""
+    runtimes = {label: load_runtime(path, target=target, threads=threads) for label, (path, target) in artifacts.items()}
+    times = {label: [] for label in runtimes}
     for i in range(runs + 1):
-        t0 = time.perf_counter()
-        n = len(list(rt.generate_ids(prompt, NEW_TOKENS, stop_at_eos=False)))
-        if i:  # the first run is the warm-up
-            times.append((time.perf_counter() - t0) * 1e3)
-        assert n == NEW_TOKENS
-    rt.close()
+        for label, rt in runtimes.items():
+            prompt = rt.tokenize("To be, or not to")[:PROMPT_TOKENS]
+            t0 = time.perf_counter()
+            n = len(list(rt.generate_ids(prompt, NEW_TOKENS, stop_at_eos=False)))
+            if i:  # round 0 is the warm-up
+                times[label].append((time.perf_counter() - t0) * 1e3)
+            assert len(prompt) == PROMPT_TOKENS and n == NEW_TOKENS
+    for rt in runtimes.values():
+        rt.close()
     return times
 
 
@@ -79,21 +82,23 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.work or Path(tempfile.mkdtemp(prefix="onnx-bench-"))
     results = {}
     with Progress(console=Console(stderr=True)) as progress:
-        task = progress.add_task("benchmarking", total=len(args.presets) * len(CASES))
+        task = progress.add_task("exporting", total=len(args.presets) * len(CASES))
         for name in args.presets:
             ckpt = random_checkpoint(name, work / name / "ckpt")
+            artifacts = {}
             for label, target, quant, options in CASES:
-                progress.update(task, description=f"{name}: {label}")
+                progress.update(task, description=f"{name}: exporting {label}")
                 out = work / name / label.replace(" ", "_").replace("(", "").replace(")", "")
                 if target == "builder":
-                    path, target = builder_output(ckpt, out, quant), "onnx"
+                    artifacts[label] = (builder_output(ckpt, out, quant), "onnx")
                 else:
-                    path = export(ckpt, target, out.with_suffix(".onnx") if target == "onnx-portable" else out,
-                                  quant, **options)
-                t = time_generation(path, target, args.threads, args.runs)
-                results[f"{name} | {label}"] = {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
-                                                "runs": len(t)}
+                    path = out.with_suffix(".onnx") if target == "onnx-portable" else out
+                    artifacts[label] = (export(ckpt, target, path, quant, **options), target)
                 progress.advance(task)
+            progress.update(task, description=f"{name}: timing")
+            for label, t in time_rounds(artifacts, args.threads, args.runs).items():
+                results[f"{name} | {label}"] = {"median_ms": float(np.median(t)),
+                                                "p90_ms": float(np.percentile(t, 90)), "runs": len(t)}
     table = Table(title=f"{NEW_TOKENS} tokens after a {PROMPT_TOKENS}-token prompt, {args.threads} threads")
     for col in ("model | artifact", "median ms", "p90 ms"):
         table.add_column(col)
