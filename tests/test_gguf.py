@@ -34,9 +34,20 @@ def torch_rt(tiny_ckpt) -> TorchRuntime:
     return TorchRuntime(tiny_ckpt)
 
 
-def test_tokenization_matches_checkpoint_tokenizer(ggufs, tiny_ckpt, tiny_bpe_ckpt, tmp_path):
+def _untrained(tmp_path: Path, tokenizer_dir: Path) -> Path:
+    """A checkpoint with random weights around a prepared tokenizer (tokenization needs no training)."""
+    from nima_edge import checkpoint
+    from nima_edge.config import preset
+    from nima_edge.model import NimaForCausalLM
+    from nima_edge.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(tokenizer_dir)
+    return checkpoint.save(tmp_path / f"untrained-{tok.kind}", NimaForCausalLM(preset("nima-0.5m", tok.vocab_size)), tok)
+
+
+def test_tokenization_matches_checkpoint_tokenizer(ggufs, tiny_ckpt, bpe_data, tmp_path):
     """llama.cpp, reading the vocabulary from the GGUF, splits text exactly as our tokenizers do."""
-    for ckpt, path in ((tiny_ckpt, ggufs["f32"]), (tiny_bpe_ckpt, export(tiny_bpe_ckpt, "gguf", tmp_path / "b.gguf", "f32"))):
+    bpe_ckpt = _untrained(tmp_path, bpe_data)
+    for ckpt, path in ((tiny_ckpt, ggufs["f32"]), (bpe_ckpt, export(bpe_ckpt, "gguf", tmp_path / "b.gguf", "f32"))):
         ref = TorchRuntime(ckpt).tokenizer
         rt = LlamaCppRuntime(path)
         assert rt.tokenizer.kind == ref.kind
@@ -148,12 +159,9 @@ def test_unknown_quant_and_bad_out_are_clear_errors(tiny_ckpt, tmp_path):
 
 
 def test_word_tokenizer_is_refused(tmp_path):
-    from nima_edge import checkpoint
-    from nima_edge.config import preset
-    from nima_edge.model import NimaForCausalLM
     from nima_edge.tokenizer import train_tokenizer
-    tok = train_tokenizer("word", ["the king and the queen"] * 5)
-    ckpt = checkpoint.save(tmp_path / "w", NimaForCausalLM(preset("nima-0.5m", tok.vocab_size)), tok)
+    train_tokenizer("word", ["the king and the queen"] * 5).save(tmp_path / "tokenizer.json")
+    ckpt = _untrained(tmp_path, tmp_path / "tokenizer.json")
     with pytest.raises(NimaError, match="no word-level tokenizer"):
         export(ckpt, "gguf", tmp_path / "w.gguf", "f32")
 
