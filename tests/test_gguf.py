@@ -190,3 +190,20 @@ def test_export_is_deterministic_and_has_manifest(ggufs, tiny_ckpt, tmp_path):
     bare = tmp_path / "bare.gguf"
     bare.write_bytes(ggufs["f32"].read_bytes())
     assert detect_target(bare) == "gguf"
+
+
+def test_k_quants_need_no_fallback_at_256_multiple_widths(char_data, tmp_path):
+    """nima-5m is 256 wide (768 for the MLP): llama.cpp's Q4_K_M applies without any fallback."""
+    from nima_edge import checkpoint
+    from nima_edge.config import preset
+    from nima_edge.model import NimaForCausalLM
+    from nima_edge.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(char_data)
+    ckpt = checkpoint.save(tmp_path / "n5m", NimaForCausalLM(preset("nima-5m", tok.vocab_size)), tok)
+    path = export(ckpt, "gguf", tmp_path / "n5m.gguf", "q4_k_m")
+    manifest = json.loads(path.with_name(path.name + ".manifest.json").read_text())["gguf"]
+    assert manifest["fallbacks"] == []
+    assert manifest["tensor_types"]["blk.0.attn_q.weight"] == "Q4_K"
+    rt = load_runtime(path)
+    assert len(list(rt.generate_ids(rt.tokenize("ROMEO:"), 5, stop_at_eos=False))) == 5
+    rt.close()
