@@ -66,11 +66,13 @@ class Conversation:
         self.history.append({"role": "user", "content": user_text})
         stream = self.runtime.tokenizer.stream()
         ids = []
-        for tok in self.runtime.generate_ids(self.prompt_ids(), self.reply_room, self.sampling):
-            ids.append(tok)
-            if piece := stream.step(tok):
-                yield piece
-        self.history.append({"role": "assistant", "content": self.runtime.tokenizer.decode(ids)})
+        try:
+            for tok in self.runtime.generate_ids(self.prompt_ids(), self.reply_room, self.sampling):
+                ids.append(tok)
+                if piece := stream.step(tok):
+                    yield piece
+        finally:  # an interrupted reply is kept as far as it got, so the turns still alternate
+            self.history.append({"role": "assistant", "content": self.runtime.tokenizer.decode(ids)})
 
     def reset(self) -> None:
         self.history.clear()

@@ -8,7 +8,8 @@ from rich.console import Console
 
 from nima_edge.sampling import Sampling
 
-HELP = "commands: /system TEXT sets the system prompt, /reset clears the history, /exit (or Ctrl-D) leaves"
+HELP = ("commands: /system TEXT sets the system prompt, /reset clears the history, /exit (or Ctrl-D) leaves; "
+        "Ctrl-C stops a reply")
 
 
 def register(app: typer.Typer) -> None:
@@ -64,6 +65,9 @@ def register(app: typer.Typer) -> None:
                         out.print(piece, end="", markup=False)
                 except NimaError as e:
                     out.print(f"\n[red]{e.problem}[/]")
+                    continue
+                except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat
+                    out.print(" [dim](stopped)[/]")
                     continue
                 out.print()
                 if convo.dropped > dropped or convo.truncated:
