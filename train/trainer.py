@@ -97,23 +97,26 @@ def _resolve_config(out: Path, cfg: TrainConfig | None, resume: bool, overrides:
 
 def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = None, log=print,
           resume: bool = False, on_eval: Callable[[int, dict], None] | None = None,
-          overrides: dict | None = None) -> dict:
+          overrides: dict | None = None, progress_bar: bool = True) -> dict:
     """Train (or with `resume`, continue) a run in `out_dir`; returns the run summary.
 
     On return `out_dir` is an HF checkpoint of the best model on validation. `on_eval(step, metrics)`
     is called after each evaluation (the tuner prunes trials from it by raising). `overrides` are
-    settings applied on top of `cfg`, or on top of the saved settings when resuming.
+    settings applied on top of `cfg`, or on top of the saved settings when resuming. The rich progress
+    bar (loss, tokens/s, ETA) shows on the main process unless `progress_bar` is False.
     """
     out = Path(out_dir)
     cfg, resuming = _resolve_config(out, cfg, resume, overrides or {}, log)
     dist = distributed.setup(cfg.device)
     try:
-        return _run(Path(data_dir), out, cfg, dist, resuming, log if dist.main else (lambda *_: None), on_eval)
+        return _run(Path(data_dir), out, cfg, dist, resuming, log if dist.main else (lambda *_: None), on_eval,
+                    progress_bar and dist.main)
     finally:
         dist.close()
 
 
-def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming: bool, log, on_eval) -> dict:
+def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming: bool, log, on_eval,
+         progress_bar: bool) -> dict:
     dev = dist.device
     per_step = cfg.grad_accum * dist.world
     if cfg.batch_size % per_step:
@@ -168,7 +171,7 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
     session_tokens, session_train_s, first_step = 0, 0.0, progress["step"]
     params = [p for p in model.parameters() if p.requires_grad]
     bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.fields[step]:,}"),
-                   TextColumn("{task.fields[info]}"), disable=not dist.main)
+                   TextColumn("{task.fields[info]}"), disable=not progress_bar)
     try:
         with bar:
             task = bar.add_task("train", total=1.0, completed=_fraction(progress, cfg), step=progress["step"], info="")

@@ -46,7 +46,7 @@ def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: flo
     """Search for `budget_s` seconds in trials of `trial_s`; write the best recipe to `out`; return its figures.
 
     `pruner` defaults to Optuna's median pruner (after two complete trials, stop a trial whose loss is
-    worse than the median of earlier trials at the same token count)."""
+    worse than the median of earlier trials at the same token count, from its second report on)."""
     optuna = _optuna()
     if trial_s <= 0 or budget_s < trial_s:
         raise NimaError(f"a tuning budget of {budget_s:.0f} s does not fit one trial of {trial_s:.0f} s",
@@ -64,7 +64,7 @@ def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: flo
                 raise optuna.TrialPruned()
 
         with tempfile.TemporaryDirectory(prefix="nima-tune-") as tmp:
-            summary = train(data_dir, tmp, cfg, log=lambda *_: None, on_eval=report)
+            summary = train(data_dir, tmp, cfg, log=lambda *_: None, on_eval=report, progress_bar=False)
         trial.set_user_attr("steps", summary["steps"])
         trial.set_user_attr("bits_per_char", summary["val"]["bits_per_char"])
         return summary["best"]["loss"]
@@ -75,7 +75,9 @@ def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: flo
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
-                                pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+                                # steps are token counts; the first report (warmup still shaping it) never prunes
+                                pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2,
+                                                                             n_warmup_steps=2 * tokens_per_report))
     start = time.monotonic()
     # Optuna's timeout only stops *starting* trials; leave room for the last one to finish inside the budget.
     study.optimize(objective, timeout=max(budget_s - trial_s, 1e-3), callbacks=[progress], catch=())
@@ -100,5 +102,5 @@ def _tokens_in(seconds: float, data_dir, cfg: TrainConfig) -> float:
     with tempfile.TemporaryDirectory(prefix="nima-tune-") as tmp:
         probe = {**cfg.to_dict(), "batch_size": BATCH_SIZES[-1], "grad_accum": 1, "max_steps": 5, "max_seconds": None,
                  "schedule_clock": "steps", "eval_every": 10 ** 6, "eval_windows": 1, "mlflow": False}
-        s = train(data_dir, tmp, TrainConfig(**probe), log=lambda *_: None)
+        s = train(data_dir, tmp, TrainConfig(**probe), log=lambda *_: None, progress_bar=False)
     return s["tokens_per_second"] * seconds
