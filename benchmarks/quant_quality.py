@@ -3,7 +3,8 @@
     python benchmarks/quant_quality.py --ckpt runs/nima-1m --data data/shakespeare-char --out docs/quant_quality.md
 
 Every row quantizes the same float checkpoint in memory (the exact code `nima-edge quantize` runs) and
-evaluates its fake-quant model on the whole validation split. "gap closed" is, for GPTQ,
+evaluates its fake-quant model on the whole validation split, in windows of the training context
+(calibration windows are capped at it too). "gap closed" is, for GPTQ,
 (ppl_RTN - ppl_GPTQ) / (ppl_RTN - ppl_fp32) at the same bits and group size.
 """
 from __future__ import annotations
@@ -20,20 +21,21 @@ from nima_edge import checkpoint
 from nima_edge.atomic import write_text
 from nima_edge.data import TokenData
 from nima_edge.evaluate import evaluate
-from nima_edge.export.quantize import calibration_windows, quantize_model
+from nima_edge.export.quantize import calibration_windows, quantize_model, trained_context
 
 
 def run(ckpt: Path, data_dir: Path, bits_list: list[int], groups: list[int], samples: int, length: int,
         max_windows: int | None, act_order: bool) -> dict:
     data = TokenData(data_dir)
     model, _ = checkpoint.load(ckpt)
-    length = min(length, model.config.max_position_embeddings)
+    context = trained_context(ckpt, model)  # evaluate and calibrate at the length the model was trained on
+    length = min(length, context)
     calib = calibration_windows(data, samples, length)
 
     def ppl(m) -> float:
-        return evaluate(m, data, "val", max_windows=max_windows)["perplexity"]
+        return evaluate(m, data, "val", context=context, max_windows=max_windows)["perplexity"]
 
-    fp32 = evaluate(model, data, "val", max_windows=max_windows)
+    fp32 = evaluate(model, data, "val", context=context, max_windows=max_windows)
     rows = [{"scheme": "fp32", "bits": 32, "group": None, "method": "-", "perplexity": fp32["perplexity"],
              "seconds": 0.0}]
     for bits in bits_list:
@@ -51,7 +53,7 @@ def run(ckpt: Path, data_dir: Path, bits_list: list[int], groups: list[int], sam
         if r["method"] == "gptq":
             gap = rtn_ppl[(r["bits"], r["group"])] - fp
             r["gap_closed"] = (rtn_ppl[(r["bits"], r["group"])] - r["perplexity"]) / gap if gap > 0 else None
-    return {"checkpoint": str(ckpt), "data": str(data_dir), "eval_tokens": fp32["tokens"],
+    return {"checkpoint": str(ckpt), "data": str(data_dir), "eval_context": context, "eval_tokens": fp32["tokens"],
             "calibration": {"samples": samples, "length": length, "act_order": act_order}, "rows": rows}
 
 

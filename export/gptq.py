@@ -34,12 +34,12 @@ class Hessian:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1]).float()
         m = x.shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m
         x = x * (2.0 / self.n) ** 0.5
-        self.H += x.T @ x
+        self.H += (x.T @ x).double()  # fp32 matmul for speed, fp64 running sum over batches
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:

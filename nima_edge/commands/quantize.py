@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(Path("data/shakespeare-char"), help="prepared data for GPTQ calibration"),
         asymmetric: bool = typer.Option(False, "--asymmetric", help="per-group zero points (not for gguf)"),
         samples: int = typer.Option(64, help="calibration windows drawn from the train split"),
-        calib_length: int = typer.Option(256, help="tokens per calibration window (capped at the context)"),
+        calib_length: int = typer.Option(256, help="tokens per calibration window (capped at the training context)"),
         damp: float = typer.Option(0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal"),
         act_order: bool = typer.Option(False, "--act-order", help="GPTQ: visit columns by decreasing Hessian"),
         seed: int = typer.Option(0, help="which calibration windows are drawn"),
