@@ -24,9 +24,12 @@ def main() -> None:
     try:
         app()
     except NimaError as e:
-        console.print(f"[bold red]error:[/] {e.problem}")
+        # messages are plain text: markup=False keeps "[tensorrt]"-style brackets from being eaten
+        console.print("[bold red]error:[/] ", end="")
+        console.print(e.problem, markup=False)
         if e.fix:
-            console.print(f"[yellow]fix:[/] {e.fix}")
+            console.print("[yellow]fix:[/] ", end="")
+            console.print(e.fix, markup=False)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
