@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nima_edge import checkpoint
-from nima_edge.atomic import atomic_dir, write_text
+from nima_edge.atomic import _umask, atomic_dir, write_text
 from nima_edge.config import ModelConfig
 from nima_edge.errors import NimaError
 from nima_edge.model import NimaForCausalLM
@@ -80,3 +80,10 @@ def test_weights_from_another_model(saved, tmp_path):
     (path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(NimaError, match="does not match its config"):
         checkpoint.load(path)
+
+
+def test_atomic_writes_have_ordinary_permissions(saved, tmp_path):
+    path, _ = saved
+    write_text(tmp_path / "plain.txt", "x")
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert path.stat().st_mode & 0o777 == 0o777 & ~_umask()
