@@ -44,8 +44,9 @@ def run(ckpt: Path, data_dir: Path, bits_list: list[int], groups: list[int], sam
                 m, _ = checkpoint.load(ckpt)
                 t0 = time.perf_counter()
                 quantize_model(m, method, bits, group, calib=calib if method == "gptq" else None, act_order=act_order)
+                seconds = round(time.perf_counter() - t0, 1)
                 rows.append({"scheme": f"int{bits} {method} g{group}", "bits": bits, "group": group, "method": method,
-                             "perplexity": ppl(m), "seconds": round(time.perf_counter() - t0, 1)})
+                             "perplexity": ppl(m), "seconds": seconds})
     fp = rows[0]["perplexity"]
     rtn_ppl = {(r["bits"], r["group"]): r["perplexity"] for r in rows if r["method"] == "rtn"}
     for r in rows:
