@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from nima_edge.export.quantize import calibration_windows, quantize_model, train
 
 def run(ckpt: Path, data_dir: Path, bits_list: list[int], groups: list[int], samples: int, length: int,
         max_windows: int | None, act_order: bool) -> dict:
+    load_before = os.getloadavg()[0]  # other jobs on the machine change the timings (not the perplexities)
     data = TokenData(data_dir)
     model, _ = checkpoint.load(ckpt)
     context = trained_context(ckpt, model)  # evaluate and calibrate at the length the model was trained on
@@ -55,6 +57,7 @@ def run(ckpt: Path, data_dir: Path, bits_list: list[int], groups: list[int], sam
             gap = rtn_ppl[(r["bits"], r["group"])] - fp
             r["gap_closed"] = (rtn_ppl[(r["bits"], r["group"])] - r["perplexity"]) / gap if gap > 0 else None
     return {"checkpoint": str(ckpt), "data": str(data_dir), "eval_context": context, "eval_tokens": fp32["tokens"],
+            "load_average": [load_before, os.getloadavg()[0]], "quantize_threads": 1,
             "calibration": {"samples": samples, "length": length, "act_order": act_order}, "rows": rows}
 
 
