@@ -98,9 +98,19 @@ def time_artifact(path: str, target: str | None, threads: int, prompt_tokens: in
         "gen_ms_median": statistics.median(gen), "gen_ms_p90": float(np.percentile(gen, 90)),
         "gen_ms_runs": gen,
         "tokens_per_s": new_tokens / (statistics.median(gen) / 1e3),
-        # ru_maxrss is in KiB on Linux; the child holds just this one artifact
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space made at exec, whereas
+    ru_maxrss survives exec and would report the (larger) parent that forked this child."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # other OSes: best effort
 
 
 def bench_in_subprocess(path: Path, profile: Profile, target: str | None = None, timeout: float = 600) -> dict:
