@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 from nima_edge import checkpoint
 from nima_edge.atomic import atomic_dir
 from nima_edge.errors import NimaError
-from nima_edge.export.onnx_weights import concat_rows, quant_result
+from nima_edge.export.onnx_weights import concat_rows, quant_result, set_nodes
 from nima_edge.export.packing import pack_matmul_nbits
 from nima_edge.export.quantize import QuantizedWeight
 from nima_edge.manifest import write_manifest
@@ -97,12 +97,7 @@ def to_matmulnbits(proto: onnx.ModelProto, qweights: dict[str, QuantizedWeight],
         count += 1
     if missing := set(qweights) - replaced:
         raise RuntimeError(f"the builder's graph has no MatMul for {sorted(missing)[:3]}")
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    set_nodes(graph, nodes)
     return count
 
 

@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper, version_converter
 from nima_edge import checkpoint
 from nima_edge.atomic import write_bytes
 from nima_edge.errors import NimaError
-from nima_edge.export.onnx_weights import blocked_dq_tensors, quant_result
+from nima_edge.export.onnx_weights import blocked_dq_tensors, quant_result, set_nodes
 from nima_edge.export.quantize import QuantizedWeight, apply_quant
 from nima_edge.manifest import write_manifest
 from nima_edge.model import NimaForCausalLM, apply_rope
@@ -146,12 +146,7 @@ def insert_dequantize(proto: onnx.ModelProto, qweights: dict[str, QuantizedWeigh
         found.add(name)
     if missing := set(qweights) - found:
         raise RuntimeError(f"traced graph lacks the MatMul weights of {sorted(missing)[:3]}")
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    set_nodes(graph, nodes)
 
 
 def build(ckpt: Path, quant: str, group_size: int = DEFAULT_GROUP) -> onnx.ModelProto:

@@ -64,3 +64,14 @@ def blocked_dq_tensors(q: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.n
         signed = codes - (1 << (q.bits - 1))
         return signed.T.astype(np.int8), q.scales.numpy().T.astype(np.float32), None
     return codes.T.astype(np.uint8), q.scales.numpy().T.astype(np.float32), q.zeros.numpy().T.astype(np.uint8)
+
+
+def set_nodes(graph, nodes: list) -> None:
+    """Replace the graph's nodes and drop the initializers no node reads any more (the float weights
+    a quantized node took over)."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
