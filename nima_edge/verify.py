@@ -132,12 +132,12 @@ def eval_ids(ref: Runtime, data_dir: str | Path | None, max_tokens: int = 256) -
 
 
 def verify(artifact: Runtime, reference: Runtime, quant: str, vs_fake_quant: bool,
-           data_dir: str | Path | None = None, logit_steps: int = 16) -> dict:
+           data_dir: str | Path | None = None, logit_steps: int = 16, eval_tokens: int = 256) -> dict:
     tol = tolerance_for(quant, vs_fake_quant)
     tokens = _tokenizer_check(artifact, reference)
     max_abs = _logits_check(artifact, reference, logit_steps)
     agreement, art_ids, ref_ids = _greedy_agreement(artifact, reference)
-    ids = eval_ids(reference, data_dir)
+    ids = eval_ids(reference, data_dir, min(eval_tokens, 256))
     ppl_ref, ppl_art = _perplexity(reference, ids), _perplexity(artifact, ids)
     rel = abs(ppl_art / ppl_ref - 1)
     checks = {
@@ -171,10 +171,13 @@ def verify_artifact(path: str | Path, ckpt: str | Path | None = None, data_dir: 
     if not Path(ckpt).is_dir():
         raise NimaError(f"reference checkpoint {ckpt} not found", "pass --reference CKPT (the exported checkpoint)")
     from nima_edge.checkpoint import checkpoint_hash
+    from nima_edge.export.quantize import trained_context
     reference, vs_fq = reference_runtime(ckpt, manifest["quant"])
     artifact = load_runtime(path, manifest["target"], threads=threads)
     try:
-        report = verify(artifact, reference, manifest["quant"], vs_fq, data_dir)
+        # perplexity over the positions the model was trained on (recipes may train shorter windows)
+        report = verify(artifact, reference, manifest["quant"], vs_fq, data_dir,
+                        eval_tokens=trained_context(ckpt, reference.model))
     finally:
         artifact.close()
     report["target"] = manifest["target"]

@@ -23,7 +23,7 @@ def test_missing_checkpoint_is_a_clear_error_not_a_traceback(tmp_path):
 
 def test_unknown_preset_is_a_clear_error(tmp_path, char_data):
     out = run("train", "--data", char_data, "--out", tmp_path / "x", "--preset", "nima-7b", "--steps", 1)
-    assert out.returncode == 2 and "unknown preset" in out.stderr and "nima-1m" in out.stderr
+    assert out.returncode == 2 and "not a known preset" in out.stderr and "nima-1m" in out.stderr
 
 
 def test_eval_and_generate_on_a_trained_checkpoint(tiny_ckpt, char_data):
