@@ -44,7 +44,7 @@ def write_manifest(artifact: str | Path, target: str, quant: str, source_ckpt: s
     manifest = {
         "target": target,
         "quant": quant,
-        "source": {"checkpoint": str(source_ckpt), "sha256": checkpoint_hash(source_ckpt)},
+        "source": {"checkpoint": str(Path(source_ckpt).resolve()), "sha256": checkpoint_hash(source_ckpt)},
         "files": describe_files(artifact),
         "tools": tool_versions(),
         **extra,
