@@ -117,7 +117,7 @@ def bench_in_subprocess(path: Path, profile: Profile, target: str | None = None,
     cmd = [sys.executable, "-m", "nima_edge.benchmarks.harness", str(path), "--threads", str(profile.threads),
            "--prompt-tokens", str(profile.prompt_tokens), "--new-tokens", str(profile.new_tokens),
            "--runs", str(profile.runs), "--warmup", str(profile.warmup)] + (["--target", target] if target else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         return {"artifact": str(path), "name": Path(path).name, "target": target,
                 "error": (proc.stderr.strip() or f"exit code {proc.returncode}")[-800:]}
@@ -191,10 +191,10 @@ def run_bench(artifacts: list[Path], profile: Profile, out_dir: Path, baseline: 
     from nima_edge.atomic import write_text
     from nima_edge.manifest import manifest_path, update_manifest
     base = json.loads(baseline.read_text()) if baseline else None
+    if missing := [str(p) for p in artifacts if not Path(p).exists()]:  # before minutes of timing, not after
+        raise NimaError(f"artifact(s) {', '.join(missing)} do not exist", "pass paths written by nima-edge export")
     results = []
     for path in artifacts:
-        if not Path(path).exists():
-            raise NimaError(f"artifact {path} does not exist", "pass paths written by nima-edge export")
         row = bench_in_subprocess(Path(path), profile)
         results.append(row)
         if progress:

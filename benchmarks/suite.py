@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     reports = verify_all(artifacts, data_dir, log=log)
     bench = run_bench(artifacts, profile, a.out, progress=lambda r: log(f"  {r['name']}: {r.get('gen_ms_median', 'error')}"))
     summary = {name: {k: r[k] for k in ("passed", "checks", "quant", "reference", "logits_max_abs",
-                                         "greedy_agreement", "perplexity", "target")} for name, r in reports.items()}
+                                         "greedy_agreement", "greedy_prefix", "perplexity", "target")} for name, r in reports.items()}
     write_text(a.out / "verify.json", json.dumps({"verify": summary, "skipped": skipped}, indent=2) + "\n")
     print((a.out / "bench.md").read_text())
     for s in skipped:

@@ -99,7 +99,8 @@ def _logits_check(art: Runtime, ref: Runtime, steps: int) -> float:
     worst = 0.0
     for prompt in PROMPTS:
         ids = ref.tokenize(prompt)
-        art.reset(), ref.reset()
+        art.reset()
+        ref.reset()
         a, r = art.prefill(ids), ref.prefill(ids)
         for step in range(steps + 1):
             worst = max(worst, float(np.max(np.abs(a - r))))
@@ -176,14 +177,14 @@ def verify(artifact: Runtime, reference: Runtime, quant: str, vs_fake_quant: boo
 def verify_artifact(path: str | Path, ckpt: str | Path | None = None, data_dir: str | Path | None = None,
                     threads: int | None = None, record: bool = True) -> dict:
     """Load the artifact's runtime, pick the reference from its manifest, verify, merge into the manifest."""
+    from nima_edge.checkpoint import checkpoint_hash
+    from nima_edge.export.quantize import trained_context
     from nima_edge.manifest import read_manifest, update_manifest
     from nima_edge.runtimes import load_runtime
     manifest = read_manifest(path)
     ckpt = ckpt or manifest["source"]["checkpoint"]
     if not Path(ckpt).is_dir():
         raise NimaError(f"reference checkpoint {ckpt} not found", "pass --reference CKPT (the exported checkpoint)")
-    from nima_edge.checkpoint import checkpoint_hash
-    from nima_edge.export.quantize import trained_context
     reference, vs_fq = reference_runtime(ckpt, manifest["quant"])
     artifact = load_runtime(path, manifest["target"], threads=threads)
     try:
@@ -193,8 +194,9 @@ def verify_artifact(path: str | Path, ckpt: str | Path | None = None, data_dir: 
     finally:
         artifact.close()
     report["target"] = manifest["target"]
-    report["reference_checkpoint"] = {"path": str(ckpt), "sha256": checkpoint_hash(ckpt),
-                                      "is_source": checkpoint_hash(ckpt) == manifest["source"]["sha256"]}
+    sha = checkpoint_hash(ckpt)
+    report["reference_checkpoint"] = {"path": str(ckpt), "sha256": sha,
+                                      "is_source": sha == manifest["source"]["sha256"]}
     if record:
         update_manifest(path, "verify", report)
     return report
