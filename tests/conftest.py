@@ -55,6 +55,13 @@ def tiny_ckpt(tmp_path_factory, char_data) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ref(tiny_ckpt):
+    """The PyTorch reference runtime of tiny_ckpt, loaded once; every use starts with a reset/prefill."""
+    from nima_edge.runtimes.torch_runtime import TorchRuntime
+    return TorchRuntime(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
 def tiny_pte(tmp_path_factory, tiny_ckpt) -> Path:
     """The fp32 ExecuTorch export of tiny_ckpt (a directory: model.pte + tokenizer.json), about 30 s."""
     pytest.importorskip("executorch", reason="the executorch extra is not installed")

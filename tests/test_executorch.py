@@ -23,9 +23,8 @@ def teacher_forced(rt, ids, split=8):
 
 
 @pytest.fixture(scope="module")
-def torch_rt(tiny_ckpt):
-    from nima_edge.runtimes.torch_runtime import TorchRuntime
-    return TorchRuntime(tiny_ckpt)
+def torch_rt(tiny_ref):
+    return tiny_ref
 
 
 @pytest.fixture(scope="module")

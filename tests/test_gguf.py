@@ -30,8 +30,8 @@ def ggufs(tmp_path_factory, tiny_ckpt) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def torch_rt(tiny_ckpt) -> TorchRuntime:
-    return TorchRuntime(tiny_ckpt)
+def torch_rt(tiny_ref) -> TorchRuntime:
+    return tiny_ref
 
 
 def _untrained(tmp_path: Path, tokenizer_dir: Path) -> Path:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nima_edge.config import PRESETS, ModelConfig, preset
+from nima_edge.config import ModelConfig, preset
 from nima_edge.errors import NimaError
 from nima_edge.model import KVCache, NimaForCausalLM
 
