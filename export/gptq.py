@@ -14,7 +14,6 @@ of the already-quantized layers before it ("true sequential" inside a layer too)
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from rich.progress import Progress
 
 from nima_edge.errors import NimaError
