@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# llama.cpp is built portable (AVX2/FMA/F16C, no host-specific AMX path: see runtimes/llamacpp_runtime.py).
+# llama.cpp is built portable (AVX2/FMA/F16C, no host-specific AMX path: see runtimes/gguf.py).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: demo test install clean

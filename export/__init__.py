@@ -12,11 +12,11 @@ from nima_edge.errors import NimaError
 
 # target -> "module:function", imported only when used (each pulls in a heavy toolchain)
 EXPORTERS: dict[str, str] = {
-    "executorch": "nima_edge.export.executorch_export:export",
-    "gguf": "nima_edge.export.gguf_export:export",
-    "onnx": "nima_edge.export.onnx_genai:export",
+    "executorch": "nima_edge.export.executorch:export",
+    "gguf": "nima_edge.export.gguf:export",
+    "onnx": "nima_edge.export.onnx:export",
     "onnx-portable": "nima_edge.export.onnx_portable:export",
-    "tensorrt": "nima_edge.export.tensorrt_engine:export",
+    "tensorrt": "nima_edge.export.tensorrt:export",
 }
 
 

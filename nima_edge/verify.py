@@ -81,7 +81,7 @@ def reference_runtime(ckpt: str | Path, quant: str) -> tuple[Runtime, bool]:
     """
     from nima_edge import checkpoint
     from nima_edge.export.quantize import load_model
-    from nima_edge.runtimes.torch_runtime import TorchRuntime
+    from nima_edge.runtimes.torch_reference import TorchRuntime
     if precision_class(quant).startswith("float"):
         model, tok = checkpoint.load(ckpt)
         return TorchRuntime(model=model, tokenizer=tok), False

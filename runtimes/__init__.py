@@ -10,12 +10,12 @@ from nima_edge.runtime import Runtime
 
 # target -> "module:Class", imported only when used (each pulls in a heavy native library)
 RUNTIMES: dict[str, str] = {
-    "torch": "nima_edge.runtimes.torch_runtime:TorchRuntime",
-    "executorch": "nima_edge.runtimes.executorch_runtime:ExecuTorchRuntime",
-    "gguf": "nima_edge.runtimes.llamacpp_runtime:LlamaCppRuntime",
-    "onnx": "nima_edge.runtimes.onnx_genai_runtime:OnnxGenaiRuntime",
-    "onnx-portable": "nima_edge.runtimes.onnx_runtime:OnnxRuntime",
-    "tensorrt": "nima_edge.runtimes.tensorrt_runtime:TensorRTRuntime",
+    "torch": "nima_edge.runtimes.torch_reference:TorchRuntime",
+    "executorch": "nima_edge.runtimes.executorch:ExecuTorchRuntime",
+    "gguf": "nima_edge.runtimes.gguf:LlamaCppRuntime",
+    "onnx": "nima_edge.runtimes.onnx:OnnxGenaiRuntime",
+    "onnx-portable": "nima_edge.runtimes.onnx_portable:OnnxPortableRuntime",
+    "tensorrt": "nima_edge.runtimes.tensorrt:TensorRTRuntime",
 }
 
 

@@ -57,7 +57,7 @@ def tiny_ckpt(tmp_path_factory, char_data) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ref(tiny_ckpt):
     """The PyTorch reference runtime of tiny_ckpt, loaded once; every use starts with a reset/prefill."""
-    from nima_edge.runtimes.torch_runtime import TorchRuntime
+    from nima_edge.runtimes.torch_reference import TorchRuntime
     return TorchRuntime(tiny_ckpt)
 
 

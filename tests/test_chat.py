@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip 
 
 from nima_edge.chat import Conversation, render  # noqa: E402
 from nima_edge.export import export  # noqa: E402
-from nima_edge.runtimes.llamacpp_runtime import LlamaCppRuntime  # noqa: E402
+from nima_edge.runtimes.gguf import LlamaCppRuntime  # noqa: E402
 from nima_edge.sampling import Sampling  # noqa: E402
 
 NIMA_EDGE = Path(sys.executable).with_name("nima-edge")

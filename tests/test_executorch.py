@@ -96,7 +96,7 @@ def _copy_tokenizer(src, dst):
 
 
 def test_corrupt_pte_is_refused(tiny_pte, tmp_path):
-    from nima_edge.runtimes.executorch_runtime import ExecuTorchRuntime
+    from nima_edge.runtimes.executorch import ExecuTorchRuntime
     d = _copy_tokenizer(tiny_pte, tmp_path / "corrupt")
     data = (tiny_pte / "model.pte").read_bytes()
     (d / "model.pte").write_bytes(data[: len(data) // 3])
@@ -110,7 +110,7 @@ def test_corrupt_pte_is_refused(tiny_pte, tmp_path):
 def test_program_without_llm_interface_is_refused(tiny_pte, tmp_path):
     from executorch.exir import to_edge
 
-    from nima_edge.runtimes.executorch_runtime import ExecuTorchRuntime
+    from nima_edge.runtimes.executorch import ExecuTorchRuntime
     ep = torch.export.export(torch.nn.Linear(4, 4).eval(), (torch.randn(1, 4),))
     d = _copy_tokenizer(tiny_pte, tmp_path / "linear")
     (d / "model.pte").write_bytes(to_edge(ep).to_executorch().buffer)
@@ -119,7 +119,7 @@ def test_program_without_llm_interface_is_refused(tiny_pte, tmp_path):
 
 
 def test_missing_pieces_are_refused(tiny_pte, tmp_path):
-    from nima_edge.runtimes.executorch_runtime import ExecuTorchRuntime
+    from nima_edge.runtimes.executorch import ExecuTorchRuntime
     (tmp_path / "lone").mkdir()
     shutil.copy(tiny_pte / "model.pte", tmp_path / "lone" / "model.pte")
     with pytest.raises(NimaError, match="no tokenizer.json"):

@@ -34,8 +34,8 @@ def rtn4_ckpt(tiny_ckpt, tmp_path_factory):
 def _compare(ckpt, pte, float_ckpt):
     from nima_edge import checkpoint
     from nima_edge.export.quantize import fake_quant_model
-    from nima_edge.runtimes.executorch_runtime import ExecuTorchRuntime
-    from nima_edge.runtimes.torch_runtime import TorchRuntime
+    from nima_edge.runtimes.executorch import ExecuTorchRuntime
+    from nima_edge.runtimes.torch_reference import TorchRuntime
     ref_model, tok = fake_quant_model(ckpt)
     ref = TorchRuntime(model=ref_model, tokenizer=tok)
     flt = TorchRuntime(model=checkpoint.load(float_ckpt)[0], tokenizer=tok)

@@ -14,8 +14,8 @@ from nima_edge.atomic import sha256_file  # noqa: E402
 from nima_edge.errors import NimaError  # noqa: E402
 from nima_edge.export import export  # noqa: E402
 from nima_edge.runtimes import detect_target, load_runtime  # noqa: E402
-from nima_edge.runtimes.llamacpp_runtime import LlamaCppRuntime  # noqa: E402
-from nima_edge.runtimes.torch_runtime import TorchRuntime  # noqa: E402
+from nima_edge.runtimes.gguf import LlamaCppRuntime  # noqa: E402
+from nima_edge.runtimes.torch_reference import TorchRuntime  # noqa: E402
 
 STRINGS = ["", " ", "   ", "hello", " leading space", "trailing  ", "two\nlines\n\n", "crlf\r\nline", "\t tab",
            "1234567890 3.14", "naïve café Zürich", "日本語のテキスト", "emoji 😀🎉👍🏽", "mixed 😀 text\r\n42",

@@ -13,14 +13,14 @@ from onnx_parity import INT8_ACTIVATION_TOL, PROMPT, greedy_path, max_diff
 
 from nima_edge.errors import NimaError
 from nima_edge.export import export
-from nima_edge.export.onnx_genai import hf_names
+from nima_edge.export.onnx import hf_names
 from nima_edge.export.onnx_weights import concat_rows
 from nima_edge.export.packing import unpack_matmul_nbits
 from nima_edge.export.quantize import fake_quant_model, load_quant, quantize_checkpoint
 from nima_edge.manifest import read_manifest
 from nima_edge.runtimes import detect_target, load_runtime
-from nima_edge.runtimes.onnx_genai_runtime import OnnxGenaiRuntime
-from nima_edge.runtimes.torch_runtime import TorchRuntime
+from nima_edge.runtimes.onnx import OnnxGenaiRuntime
+from nima_edge.runtimes.torch_reference import TorchRuntime
 
 STEPS = 50
 

@@ -12,8 +12,8 @@ from nima_edge.errors import NimaError
 from nima_edge.export import export
 from nima_edge.export.quantize import fake_quant_model, load_quant, quantize_checkpoint
 from nima_edge.runtimes import detect_target, load_runtime
-from nima_edge.runtimes.onnx_runtime import OnnxRuntime
-from nima_edge.runtimes.torch_runtime import TorchRuntime
+from nima_edge.runtimes.onnx_portable import OnnxPortableRuntime
+from nima_edge.runtimes.torch_reference import TorchRuntime
 
 STEPS = 50
 
@@ -57,7 +57,7 @@ def test_f32_matches_torch_and_greedy_is_identical(f32_onnx, ref):
 
 def test_f32_all_position_logits_match_torch(f32_onnx, ref):
     """One 12-token prefill on top of a 5-token cache: every position, not only the last."""
-    rt = OnnxRuntime(f32_onnx, threads=2)
+    rt = OnnxPortableRuntime(f32_onnx, threads=2)
     ids = ref.tokenize(PROMPT)[:17]
     rt.reset()
     rt.prefill(ids[:5])
@@ -91,13 +91,13 @@ def test_quantized_matches_fake_quant_and_carries_our_codes(name, quant_ckpts, t
         assert np.array_equal(inits[f"{base}.scales"].T, q.scales.numpy())
     model, tok = fake_quant_model(ckpt)
     ref = TorchRuntime(model=model, tokenizer=tok)
-    rt = OnnxRuntime(out, threads=2, accuracy_level=1)  # fp32 activations: parity is exact
+    rt = OnnxPortableRuntime(out, threads=2, accuracy_level=1)  # fp32 activations: parity is exact
     ids = ref.tokenize(PROMPT)
     path = greedy_path(ref, ids, STEPS)
     assert max_diff(rt, ref, ids, path) < 1e-4
     assert list(rt.generate_ids(ids, STEPS, stop_at_eos=False)) == path
     # the default (int8 activations, ORT's fast kernel) stays close
-    assert max_diff(OnnxRuntime(out, threads=2), ref, ids, path) < INT8_ACTIVATION_TOL
+    assert max_diff(OnnxPortableRuntime(out, threads=2), ref, ids, path) < INT8_ACTIVATION_TOL
 
 
 def test_unquantized_checkpoint_gets_rtn_on_the_fly(tiny_ckpt, tmp_path):
@@ -117,10 +117,10 @@ def test_bad_requests_and_corrupt_files_give_clear_errors(tiny_ckpt, quant_ckpts
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(f32_onnx.read_bytes()[:4096])
     with pytest.raises(NimaError, match="corrupt"):
-        OnnxRuntime(truncated)
+        OnnxPortableRuntime(truncated)
     foreign = tmp_path / "foreign.onnx"
     proto = onnx.load(str(f32_onnx))
     del proto.metadata_props[:]
     onnx.save(proto, str(foreign))
     with pytest.raises(NimaError, match="metadata"):
-        OnnxRuntime(foreign)
+        OnnxPortableRuntime(foreign)

@@ -155,7 +155,7 @@ def test_quantized_perplexity_is_close_to_float(tiny_ckpt, char_data, quantized)
 
 
 def test_torch_runtime_runs_the_fake_quant_model(quantized):
-    from nima_edge.runtimes.torch_runtime import TorchRuntime
+    from nima_edge.runtimes.torch_reference import TorchRuntime
     rt = TorchRuntime(quantized["gptq4"])
     fq, tok = fake_quant_model(quantized["gptq4"])
     assert torch.equal(rt.model.model.layers[0].mlp.up_proj.weight, fq.model.layers[0].mlp.up_proj.weight)

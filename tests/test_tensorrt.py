@@ -12,9 +12,9 @@ from nima_edge.errors import NimaError
 from nima_edge.export import export
 from nima_edge.export.onnx_portable import io_names
 from nima_edge.export.quantize import fake_quant_model, quantize_checkpoint
-from nima_edge.export.tensorrt_engine import profiles
+from nima_edge.export.tensorrt import profiles
 from nima_edge.runtimes import detect_target, load_runtime
-from nima_edge.runtimes.torch_runtime import TorchRuntime
+from nima_edge.runtimes.torch_reference import TorchRuntime
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_gpu = pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()),

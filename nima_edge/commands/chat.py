@@ -87,6 +87,6 @@ def register(app: typer.Typer) -> None:
         api_key: str = typer.Option(None, help="require this bearer token"),
     ):
         """Serve a GGUF model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
-        from nima_edge.runtimes.llamacpp_server import serve as run_server
+        from nima_edge.runtimes.gguf_server import serve as run_server
         Console(stderr=True).print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
         run_server(model, host, port, threads, api_key)

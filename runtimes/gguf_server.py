@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nima_edge.errors import NimaError
-from nima_edge.runtimes.llamacpp_runtime import default_threads, no_extra_bufts, read_metadata
+from nima_edge.runtimes.gguf import default_threads, no_extra_bufts, read_metadata
 
 
 def create_app(model: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,

@@ -44,7 +44,7 @@ def percentiles(times: list[float]) -> tuple[float, float]:
 
 
 def time_adapter(artifact: Path, threads: int, runs: int) -> list[float]:
-    from nima_edge.runtimes.executorch_runtime import ExecuTorchRuntime
+    from nima_edge.runtimes.executorch import ExecuTorchRuntime
     rt = ExecuTorchRuntime(artifact, threads=threads)
     prompt = [rt.tokenizer.bos_id] + list(range(10, 10 + PROMPT_TOKENS - 1))
     times = []

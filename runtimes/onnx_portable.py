@@ -42,7 +42,7 @@ def read_metadata(session: ort.InferenceSession, path: Path) -> tuple[Tokenizer,
     return Tokenizer(HFTokenizer.from_str(meta[META_TOKENIZER])), json.loads(meta[META_CONFIG])
 
 
-class OnnxRuntime(Runtime):
+class OnnxPortableRuntime(Runtime):
     target = "onnx-portable"
 
     def __init__(self, path: str | Path, threads: int | None = None, accuracy_level: int = 4):
