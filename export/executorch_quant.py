@@ -9,7 +9,7 @@ torchao configs are deliberately not offered: on executorch 1.5.1 they lower but
   dimension. The result's codes go in unchanged (qdata = code - 8); its fp16-exact scales go in too,
   but XNNPACK stores blockwise scales as bf16, so they are rounded fp16 -> bf16 at lowering
   (relative error <= 2**-9 per group). Needs a 4-bit symmetric result; an unquantized checkpoint
-  gets the core's round-to-nearest (export/quantize.py rtn) on the fly.
+  gets the core's round-to-nearest (nima_edge/quantization.py rtn) on the fly.
 - 8da8w: XNNPACK has no blockwise int8 weights, only one scale per output channel, so a grouped
   8-bit (Q8_0-style) result cannot be carried as is. The result's dequantized weights are
   re-quantized per output channel by torchao (round-to-nearest); a float checkpoint is quantized
@@ -64,7 +64,7 @@ def _check_8da4w(result: dict) -> None:
 
 def quantize_for_xnnpack(model: NimaForCausalLM, ckpt: Path, quant: str, group_size: int | None = None) -> dict:
     """Quantize `model`'s decoder linears in place; return a description for the manifest."""
-    from nima_edge.export.quantize import apply_quant, check_params, load_quant, quantizable, rtn
+    from nima_edge.quantization import apply_quant, check_params, load_quant, quantizable, rtn
 
     linears = quantizable(model)
     result = load_quant(ckpt)

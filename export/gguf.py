@@ -50,7 +50,7 @@ def export(ckpt: Path, out: Path, quant: str, threads: int | None = None, **_opt
     if out.suffix != ".gguf":
         raise NimaError(f"--out {out} does not end in .gguf", "name the artifact like model.gguf")
     model, tok = checkpoint.load(ckpt)
-    from nima_edge.export.quantize import load_quant  # late: pulls in the quantization core
+    from nima_edge.quantization import load_quant  # late: pulls in the quantization core
     result = load_quant(ckpt)
     name = checkpoint.read_meta(ckpt).get("preset") or "nima"  # not the path: same inputs, same bytes
     out.parent.mkdir(parents=True, exist_ok=True)

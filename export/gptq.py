@@ -17,7 +17,7 @@ import torch
 from rich.progress import Progress
 
 from nima_edge.errors import NimaError
-from nima_edge.export.quantize import QuantizedWeight, check_width, grid, quantize_codes
+from nima_edge.quantization import QuantizedWeight, check_width, grid, quantize_codes
 from nima_edge.model import NimaForCausalLM
 
 # Sub-layers quantized together, in forward order: each group's inputs depend on the groups before it.

@@ -23,7 +23,7 @@ from nima_edge.atomic import atomic_dir
 from nima_edge.errors import NimaError
 from nima_edge.export.onnx_weights import concat_rows, quant_result, set_nodes
 from nima_edge.export.packing import pack_matmul_nbits
-from nima_edge.export.quantize import QuantizedWeight
+from nima_edge.quantization import QuantizedWeight
 from nima_edge.manifest import write_manifest
 
 TARGET = "onnx"

@@ -23,7 +23,7 @@ from nima_edge import checkpoint
 from nima_edge.atomic import write_bytes
 from nima_edge.errors import NimaError
 from nima_edge.export.onnx_weights import blocked_dq_tensors, quant_result, set_nodes
-from nima_edge.export.quantize import QuantizedWeight, apply_quant
+from nima_edge.quantization import QuantizedWeight, apply_quant
 from nima_edge.manifest import write_manifest
 from nima_edge.model import NimaForCausalLM, apply_rope
 

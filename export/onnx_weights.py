@@ -1,6 +1,6 @@
 """Which quantized weights an ONNX export carries, and how they are laid out in ONNX tensors.
 
-Both ONNX flavours only *pack* the one quantization result (export/quantize.py): the checkpoint's own
+Both ONNX flavours only *pack* the one quantization result (nima_edge/quantization.py): the checkpoint's own
 when it has one, else round-to-nearest on the fly. Packing is exact (codes, fp16-exact scales and zero
 points are copied, never re-derived), so the artifact computes what fake_quant_model computes.
 MatMulNBits packing lives in export/packing.py; the standard-ONNX blocked layout is here.
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from nima_edge.errors import NimaError
-from nima_edge.export.quantize import QuantizedWeight, load_quant, quantizable, rtn
+from nima_edge.quantization import QuantizedWeight, load_quant, quantizable, rtn
 from nima_edge.model import NimaForCausalLM
 
 QUANTS = {"f32": None, "int8": 8, "int4": 4}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from nima_edge.errors import NimaError
-from nima_edge.export.quantize import QuantizedWeight
+from nima_edge.quantization import QuantizedWeight
 
 GGUF_BLOCK = 32
 

@@ -16,7 +16,7 @@ from nima_edge import checkpoint
 from nima_edge.atomic import atomic_dir
 from nima_edge.errors import NimaError
 from nima_edge.export import onnx_portable
-from nima_edge.export.quantize import load_quant
+from nima_edge.quantization import load_quant
 from nima_edge.manifest import write_manifest
 
 TARGET = "tensorrt"

@@ -1,6 +1,7 @@
 """Checkpoints are Hugging Face directories: config.json (LlamaForCausalLM), model.safetensors,
 tokenizer.json, tokenizer_config.json, generation_config.json, plus nima.json for our metadata.
-Written atomically as a whole directory; never pickled.
+Written atomically as a whole directory; never pickled. A quantized checkpoint also carries the
+quantization result (nima_edge/quantization.py) and stands for its fake-quant model (load_model).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from nima_edge.atomic import atomic_dir, sha256_file
 from nima_edge.config import ModelConfig
 from nima_edge.errors import NimaError
 from nima_edge.model import NimaForCausalLM
+from nima_edge.quantization import QUANT_JSON, QuantizedWeight, apply_quant, describe, load_quant, result_files
 from nima_edge.tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, Tokenizer
 
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
@@ -98,3 +100,38 @@ def load(ckpt_dir: str | Path, device: str = "cpu") -> tuple[NimaForCausalLM, To
         raise NimaError(f"tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}",
                         "the tokenizer.json belongs to another model")
     return model.eval(), tok
+
+
+# --- the model a checkpoint stands for ---------------------------------------------------------------
+
+def save_quantized(out_dir: str | Path, model: NimaForCausalLM, tokenizer: Tokenizer,
+                   qweights: dict[str, QuantizedWeight], meta: dict | None = None, info: dict | None = None) -> Path:
+    """A full checkpoint: the float weights of `model`, plus quantization.safetensors/.json (atomic)."""
+    files, summary = result_files(qweights, info)
+    return save(out_dir, model, tokenizer, meta={**(meta or {}), "quantization": summary}, extra_files=files)
+
+
+def load_model(ckpt_dir: str | Path) -> tuple[NimaForCausalLM, Tokenizer, str | None]:
+    """The model a checkpoint stands for: the fake-quant model when it carries a quantization result
+    (with a description of the scheme), else the float model (and None)."""
+    model, tok = load(ckpt_dir)
+    qweights = load_quant(ckpt_dir)
+    if qweights is None:
+        return model, tok, None
+    return apply_quant(model, qweights).eval(), tok, describe(qweights)
+
+
+def fake_quant_model(ckpt_dir: str | Path) -> tuple[NimaForCausalLM, Tokenizer]:
+    """The PyTorch reference for quantized artifacts: float model with every quantized linear dequantized."""
+    model, tok, scheme = load_model(ckpt_dir)
+    if scheme is None:
+        raise NimaError(f"{ckpt_dir} carries no quantization result ({QUANT_JSON})",
+                        f"run: nima-edge quantize {ckpt_dir} --bits 4 --group 32 --out DIR")
+    return model, tok
+
+
+def trained_context(ckpt: str | Path, model: NimaForCausalLM) -> int:
+    """The window length the model was trained on (nima.json), else its full context: calibrating on
+    positions it never saw in training would feed GPTQ activations unlike those of real use."""
+    train_config = read_meta(ckpt).get("training", {}).get("train_config", {})
+    return int(train_config.get("context") or model.config.max_position_embeddings)

@@ -80,7 +80,7 @@ def reference_runtime(ckpt: str | Path, quant: str) -> tuple[Runtime, bool]:
     when the checkpoint carries a quantization result (the numbers the exporter packed).
     """
     from nima_edge import checkpoint
-    from nima_edge.export.quantize import load_model
+    from nima_edge.checkpoint import load_model
     from nima_edge.runtimes.torch_reference import TorchRuntime
     if precision_class(quant).startswith("float"):
         model, tok = checkpoint.load(ckpt)
@@ -178,7 +178,7 @@ def verify_artifact(path: str | Path, ckpt: str | Path | None = None, data_dir: 
                     threads: int | None = None, record: bool = True) -> dict:
     """Load the artifact's runtime, pick the reference from its manifest, verify, merge into the manifest."""
     from nima_edge.checkpoint import checkpoint_hash
-    from nima_edge.export.quantize import trained_context
+    from nima_edge.checkpoint import trained_context
     from nima_edge.manifest import read_manifest, update_manifest
     from nima_edge.runtimes import load_runtime
     manifest = read_manifest(path)

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nima_edge.export.quantize import load_model
+from nima_edge.checkpoint import load_model
 from nima_edge.model import KVCache, NimaForCausalLM
 from nima_edge.runtime import Runtime
 from nima_edge.tokenizer import Tokenizer

@@ -33,7 +33,7 @@ def rtn4_ckpt(tiny_ckpt, tmp_path_factory):
 
 def _compare(ckpt, pte, float_ckpt):
     from nima_edge import checkpoint
-    from nima_edge.export.quantize import fake_quant_model
+    from nima_edge.checkpoint import fake_quant_model
     from nima_edge.runtimes.executorch import ExecuTorchRuntime
     from nima_edge.runtimes.torch_reference import TorchRuntime
     ref_model, tok = fake_quant_model(ckpt)

@@ -111,7 +111,9 @@ def test_q4_0_perplexity_within_bound_of_f32(ggufs, char_data):
 def test_quantization_result_packed_block_for_block(tiny_ckpt, char_data, tmp_path):
     """A quantized checkpoint's codes and scales land in Q4_0 blocks exactly; llama.cpp then tracks the
     fake-quant PyTorch reference (up to its int8 activations)."""
-    from nima_edge.export.quantize import fake_quant_model, load_quant, quantize_checkpoint
+    from nima_edge.checkpoint import fake_quant_model
+    from nima_edge.export.quantize import quantize_checkpoint
+    from nima_edge.quantization import load_quant
     qckpt = quantize_checkpoint(tiny_ckpt, tmp_path / "q4", bits=4, group_size=32, method="rtn")
     path = export(qckpt, "gguf", tmp_path / "q4.gguf", "q4_0")
     assert "packed from the checkpoint's rtn result" in json.loads(

@@ -16,7 +16,9 @@ from nima_edge.export import export
 from nima_edge.export.onnx import hf_names
 from nima_edge.export.onnx_weights import concat_rows
 from nima_edge.export.packing import unpack_matmul_nbits
-from nima_edge.export.quantize import fake_quant_model, load_quant, quantize_checkpoint
+from nima_edge.checkpoint import fake_quant_model
+from nima_edge.export.quantize import quantize_checkpoint
+from nima_edge.quantization import load_quant
 from nima_edge.manifest import read_manifest
 from nima_edge.runtimes import detect_target, load_runtime
 from nima_edge.runtimes.onnx import OnnxGenaiRuntime

@@ -10,7 +10,9 @@ from onnx_parity import INT8_ACTIVATION_TOL, PROMPT, greedy_path, max_diff
 
 from nima_edge.errors import NimaError
 from nima_edge.export import export
-from nima_edge.export.quantize import fake_quant_model, load_quant, quantize_checkpoint
+from nima_edge.checkpoint import fake_quant_model
+from nima_edge.export.quantize import quantize_checkpoint
+from nima_edge.quantization import load_quant
 from nima_edge.runtimes import detect_target, load_runtime
 from nima_edge.runtimes.onnx_portable import OnnxPortableRuntime
 from nima_edge.runtimes.torch_reference import TorchRuntime

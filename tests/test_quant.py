@@ -13,8 +13,9 @@ from nima_edge.data import TokenData
 from nima_edge.errors import NimaError
 from nima_edge.evaluate import evaluate
 from nima_edge.export.gptq import Hessian, gptq
-from nima_edge.export.quantize import (LINEAR_SUFFIXES, fake_quant_model, load_quant, quantize_checkpoint,
-                                       quantize_model, rtn)
+from nima_edge.checkpoint import fake_quant_model
+from nima_edge.export.quantize import quantize_checkpoint, quantize_model
+from nima_edge.quantization import LINEAR_SUFFIXES, load_quant, rtn
 from nima_edge.model import NimaForCausalLM
 
 

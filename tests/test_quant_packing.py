@@ -6,7 +6,7 @@ import torch
 from nima_edge.errors import NimaError
 from nima_edge.export import packing
 from nima_edge.export.gptq import Hessian, gptq
-from nima_edge.export.quantize import rtn
+from nima_edge.quantization import rtn
 
 SCHEMES = [(bits, group, sym) for bits in (4, 8) for group in (32, 64, 128) for sym in (True, False)]
 

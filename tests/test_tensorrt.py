@@ -11,7 +11,8 @@ from onnx_parity import PROMPT, greedy_path, max_diff
 from nima_edge.errors import NimaError
 from nima_edge.export import export
 from nima_edge.export.onnx_portable import io_names
-from nima_edge.export.quantize import fake_quant_model, quantize_checkpoint
+from nima_edge.checkpoint import fake_quant_model
+from nima_edge.export.quantize import quantize_checkpoint
 from nima_edge.export.tensorrt import profiles
 from nima_edge.runtimes import detect_target, load_runtime
 from nima_edge.runtimes.torch_reference import TorchRuntime

@@ -22,7 +22,8 @@ from nima_edge import checkpoint
 from nima_edge.atomic import write_text
 from nima_edge.data import TokenData
 from nima_edge.evaluate import evaluate
-from nima_edge.export.quantize import calibration_windows, quantize_model, trained_context
+from nima_edge.checkpoint import trained_context
+from nima_edge.export.quantize import calibration_windows, quantize_model
 
 
 def run(ckpt: Path, data_dir: Path, bits_list: list[int], groups: list[int], samples: int, length: int,

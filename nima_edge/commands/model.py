@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         """Print validation loss, perplexity and bits per character."""
         from nima_edge.data import TokenData
         from nima_edge.evaluate import evaluate
-        from nima_edge.export.quantize import load_model, trained_context
+        from nima_edge.checkpoint import load_model, trained_context
         model, _, quant = load_model(ckpt)  # a quantized checkpoint is evaluated as its fake-quant model
         r = evaluate(model, TokenData(data), split, context=trained_context(ckpt, model))
         if quant:

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="which calibration windows are drawn"),
     ):
         """Quantize the decoder linears once (embeddings and lm_head stay float)."""
-        from nima_edge.export.quantize import describe, load_quant, quantize_checkpoint
+        from nima_edge.export.quantize import quantize_checkpoint
+        from nima_edge.quantization import describe, load_quant
         path = quantize_checkpoint(ckpt, out, bits, group, method, data if method == "gptq" else None,
                                    symmetric=not asymmetric, samples=samples, length=calib_length, damp=damp,
                                    act_order=act_order, seed=seed)
