@@ -1,23 +1,47 @@
 """The `nima-edge` command. Thin: each command module parses, calls the library, prints."""
 from __future__ import annotations
 
-import importlib
+import logging
+import os
 import sys
+import warnings
 
 import typer
 from rich.console import Console
 
+from nima_edge.commands import (bench, chat, data, evaluate, export, finetune, generate, import_model, quantize,
+                                quickstart, serve, train, tune, verify)
 from nima_edge.errors import NimaError
 
 app = typer.Typer(help="Train, quantize, export, verify and benchmark small Llama-family language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: error lines stay greppable
 
-# Each module under nima_edge/commands registers its commands on `app` when imported.
-COMMAND_MODULES = ["data", "model", "export", "quantize", "verify", "quickstart", "tune", "chat"]
+# The verbs, in the order `--help` lists them: each module in nima_edge/commands is named after the
+# verbs it holds and adds them to `app` in register().
+VERBS = [data, train, finetune, import_model, evaluate, generate, quantize, export, verify, bench, chat, serve,
+         quickstart, tune]
+for _module in VERBS:
+    _module.register(app)
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(f"nima_edge.commands.{_name}").register(app)
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="show third-party warnings and logs")):
+    if not verbose:
+        quiet()
+
+
+def quiet() -> None:
+    """Silence third-party warnings and library logging: the user asked nima-edge, not torch, torchao,
+    onnxruntime or llama.cpp, to speak (their errors still surface as exceptions)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in ("torch", "torchao", "executorch", "onnxruntime", "onnxscript", "transformers", "optuna"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("ORT_LOG_SEVERITY_LEVEL", "3")
 
 
 def main() -> None:

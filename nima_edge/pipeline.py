@@ -1,82 +1,64 @@
-"""Build, verify and bench every artifact of a checkpoint: shared by `nima-edge quickstart` and the
-benchmark suite (benchmarks/suite.py).
+"""The chain prepare -> train -> quantize -> export -> verify -> bench, written once: `nima-edge
+quickstart` and the benchmark suite (benchmarks/suite.py) both call it. What gets built comes from the
+target registry (nima_edge/targets.py).
 """
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from nima_edge import targets
 from nima_edge.errors import NimaError
-
-# Which Python modules a target needs on this machine (TensorRT also needs a CUDA GPU).
-TARGET_MODULES = {
-    "gguf": ["gguf", "llama_cpp"],
-    "onnx": ["onnx", "onnxruntime_genai"],
-    "onnx-portable": ["onnx", "onnxruntime"],
-    "executorch": ["executorch", "torchao"],
-    "tensorrt": ["tensorrt"],
-}
+from nima_edge.targets import Build
 
 
-def target_available(target: str) -> tuple[bool, str]:
-    missing = [m for m in TARGET_MODULES[target] if importlib.util.find_spec(m) is None]
-    if missing:
-        return False, f"not installed: {', '.join(missing)}"
-    if target == "tensorrt":
-        import torch
-        if not torch.cuda.is_available():
-            return False, "needs an NVIDIA GPU (CUDA not available)"
-    return True, ""
+def prepared_data(corpus: str, data_dir: Path, tokenizer: str = "char") -> dict:
+    """Tokenized data in `data_dir`, prepared once: reused when it was made from the same corpus with
+    the same tokenizer kind."""
+    import json
+    from nima_edge.data import prepare
+    if (data_dir / "meta.json").is_file():
+        meta = json.loads((data_dir / "meta.json").read_text())
+        if meta.get("source") == corpus and meta.get("tokenizer") == tokenizer:
+            return meta
+    return prepare(corpus, data_dir, tokenizer)
 
 
-@dataclass(frozen=True)
-class Build:
-    target: str
-    quant: str
-    weights: str  # "float" or a quantization of the checkpoint: "int4-g32", "int8-g32", "int4-g128"
-
-    @property
-    def filename(self) -> str:
-        suffix = {"gguf": ".gguf", "onnx-portable": ".onnx"}.get(self.target, "")  # others are folders
-        return f"{self.target}-{self.quant}{suffix}"
-
-
-# What "every target" means: each flavour at float precision and at the quantizations it packs
-# from our GPTQ result (block 32; the portable ONNX's DequantizeLinear wants block 128). ExecuTorch's
-# 8da8w is per-channel (XNNPACK has no grouped int8), so torchao quantizes it from the float weights.
-PLAN = [
-    Build("gguf", "f32", "float"), Build("gguf", "q8_0", "int8-g32"), Build("gguf", "q4_0", "int4-g32"),
-    Build("onnx", "f32", "float"), Build("onnx", "int8", "int8-g32"), Build("onnx", "int4", "int4-g32"),
-    Build("onnx-portable", "f32", "float"), Build("onnx-portable", "int4", "int4-g128"),
-    Build("executorch", "fp32", "float"), Build("executorch", "8da8w", "float"),
-    Build("executorch", "8da4w", "int4-g32"),
-    Build("tensorrt", "f32", "float"),
-]
+def trained_checkpoint(preset: str, data_dir: Path, out: Path, minutes: float, log=print) -> tuple[Path, dict | None]:
+    """`out` trained with the preset's recipe for `minutes` of wall time, or the finished checkpoint
+    already there; returns the checkpoint and the training summary (None when reused)."""
+    if (out / "model.safetensors").is_file():
+        return out, None
+    from nima_edge.train.recipe import build_config
+    from nima_edge.train.trainer import train
+    return out, train(data_dir, out, build_config(None, {"preset": preset, "max_seconds": minutes * 60}), log=log)
 
 
 def quantized_checkpoint(ckpt: Path, weights: str, data_dir: Path | None, work: Path) -> Path:
-    """The float checkpoint itself, or a GPTQ-quantized copy of it (made once, reused)."""
+    """The float checkpoint itself, or a GPTQ-quantized copy of it, made once and reused. The cache
+    is keyed by the source's weights hash, so a retrained checkpoint of the same name is never served
+    a stale quantization."""
     if weights == "float":
         return ckpt
+    from nima_edge.checkpoint import checkpoint_hash
     from nima_edge.export.quantize import quantize_checkpoint
     bits, group = weights.removeprefix("int").split("-g")
-    out = work / f"{ckpt.name}-{weights}"
+    out = work / f"{ckpt.name}-{weights}-{checkpoint_hash(ckpt)[:12]}"
     if not (out / "quantization.json").is_file():
         method = "gptq" if data_dir is not None else "rtn"
         quantize_checkpoint(ckpt, out, bits=int(bits), group_size=int(group), method=method, data_dir=data_dir)
     return out
 
 
-def build_all(ckpt: Path, out_dir: Path, data_dir: Path | None, plan=PLAN, log=print,
+def build_all(ckpt: Path, out_dir: Path, data_dir: Path | None, plan: list[Build] | None = None, log=print,
               prefix: str = "") -> tuple[list[Path], list[str]]:
     """Export every planned artifact whose target is available, named `prefix` + target-quant;
     returns (artifacts, skipped reasons)."""
     from nima_edge.export import export
     artifacts, skipped = [], []
     out_dir.mkdir(parents=True, exist_ok=True)
-    for b in plan:
-        ok, why = target_available(b.target)
+    for b in targets.plan() if plan is None else plan:
+        ok, why = targets.get(b.target).available()
         if not ok:
             skipped.append(f"{b.target} {b.quant}: {why}")
             continue
@@ -96,3 +78,31 @@ def verify_all(artifacts: list[Path], data_dir: Path | None, log=print) -> dict[
         log(f"verify {path.name}")
         reports[path.name] = verify_artifact(path, data_dir=data_dir)
     return reports
+
+
+@dataclass
+class Shipped:
+    artifacts: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    verify: dict[str, dict] = field(default_factory=dict)
+    bench: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.bench.get("passed")) and all(r["passed"] for r in self.verify.values())
+
+
+def ship(checkpoints: dict[str, Path], data_dir: Path | None, work: Path, profile, bench_out: Path, log=print,
+         plan: list[Build] | None = None) -> Shipped:
+    """Quantize, export, verify and bench every checkpoint ({artifact name prefix: checkpoint})
+    for every planned target available here."""
+    from nima_edge.benchmarks.harness import run_bench
+    shipped = Shipped()
+    for prefix, ckpt in checkpoints.items():
+        built, why = build_all(ckpt, work, data_dir, plan, log=log, prefix=prefix)
+        shipped.artifacts += built
+        shipped.skipped += [f"{prefix}{s}" for s in why]
+    shipped.verify = verify_all(shipped.artifacts, data_dir, log=log)
+    shipped.bench = run_bench(shipped.artifacts, profile, bench_out, progress=lambda r: log(
+        f"  {r['name']}: " + (f"{r['gen_ms_median']:.1f} ms" if "gen_ms_median" in r else "error")))
+    return shipped

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+
+from nima_edge.commands.options import Force
 from rich.table import Table
 
 
@@ -16,47 +18,40 @@ def register(app: typer.Typer) -> None:
         preset: str = typer.Option("nima-1m", help="model preset"),
         minutes: float = typer.Option(3.0, help="training wall-clock budget"),
         profile: str = typer.Option("desktop-cpu", help="benchmark profile"),
+        force: Force = False,
     ):
         """Prepare Shakespeare, train, quantize, export to every available target, verify all, bench all."""
-        from nima_edge import data as data_lib
-        from nima_edge.benchmarks.harness import load_profile, run_bench
-        from nima_edge.pipeline import build_all, verify_all
-        from nima_edge.train.recipe import build_config
-        from nima_edge.train.trainer import train
+        from nima_edge.benchmarks.harness import load_profile
+        from nima_edge.outputs import claim_quickstart_dir
+        from nima_edge.pipeline import prepared_data, ship, trained_checkpoint
+        claim_quickstart_dir(out, corpus, preset, force)
 
         console = Console()
-        step = lambda n, text: console.rule(f"[bold]{n}/6 {text}")
-        data_dir, ckpt = out / "data", out / preset
+        step = lambda n, text: console.rule(f"[bold]{n}/4 {text}")
+        data_dir = out / "data"
         prof = load_profile(profile)
 
         step(1, f"prepare {corpus}")
         with console.status("downloading and tokenizing"):
-            meta = data_lib.prepare(corpus, data_dir, "char")
+            meta = prepared_data(corpus, data_dir)
         console.print(f"{meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens")
 
         step(2, f"train {preset} for {minutes:g} minutes")
-        cfg = build_config(None, {"preset": preset, "max_seconds": minutes * 60})
-        summary = train(data_dir, ckpt, cfg, log=console.print)
-        console.print(f"val bits/char {summary['val']['bits_per_char']:.3f}")
+        ckpt, summary = trained_checkpoint(preset, data_dir, out / preset, minutes, log=console.print)
+        if summary is None:
+            console.print(f"reusing the trained checkpoint {ckpt}")
+        else:
+            console.print(f"val bits/char {summary['val']['bits_per_char']:.3f}")
 
-        step(3, "quantize (GPTQ) and export to every available target")
-        artifacts, skipped = build_all(ckpt, out / "artifacts", data_dir, log=console.print)
-        for s in skipped:
+        step(3, "quantize (GPTQ), export to every available target, verify against PyTorch, bench")
+        shipped = ship({"": ckpt}, data_dir, out / "artifacts", prof, out / "bench", log=console.print)
+        for s in shipped.skipped:
             console.print(f"[yellow]skipped[/] {s}")
 
-        step(4, "verify every artifact against PyTorch")
-        reports = verify_all(artifacts, data_dir, log=console.print)
-
-        step(5, f"bench every artifact ({prof.name})")
-        bench = run_bench(artifacts, prof, out / "bench",
-                          progress=lambda r: console.print(f"  {r['name']}: " + (
-                              f"{r['gen_ms_median']:.1f} ms" if "error" not in r else "[red]error")))
-
-        step(6, "summary")
-        console.print(summary_table(bench["results"], reports, prof.budget_ms))
+        step(4, "summary")
+        console.print(summary_table(shipped.bench["results"], shipped.verify, prof.budget_ms))
         console.print(f"report: {out / 'bench' / 'bench.md'} and bench.png; manifests beside each artifact")
-        ok = bench["passed"] and all(r["passed"] for r in reports.values())
-        raise typer.Exit(0 if ok else 1)
+        raise typer.Exit(0 if shipped.passed else 1)
 
 
 def summary_table(bench_rows: list[dict], reports: dict[str, dict], budget_ms: float) -> Table:

@@ -1,4 +1,4 @@
-"""nima-edge verify and nima-edge bench."""
+"""nima-edge verify."""
 from __future__ import annotations
 
 import json
@@ -25,24 +25,6 @@ def register(app: typer.Typer) -> None:
         if json_out:
             json_out.write_text(json.dumps(report, indent=2) + "\n")
         print_report(artifact, report)
-        raise typer.Exit(0 if report["passed"] else 1)
-
-    @app.command()
-    def bench(
-        artifacts: list[Path] = typer.Argument(..., help="artifacts to time"),
-        profile: str = typer.Option("desktop-cpu", help="profile name in benchmarks/profiles or a TOML path"),
-        out: Path = typer.Option(Path("artifacts/bench"), help="folder for bench.json, bench.md, bench.png"),
-        baseline: Path = typer.Option(None, help="earlier bench.json to flag regressions against"),
-    ):
-        """Time each artifact against the profile's budget; exit 1 on a miss or regression."""
-        from nima_edge.benchmarks.harness import load_profile, run_bench
-        prof = load_profile(profile)
-        console = Console()
-        report = run_bench(artifacts, prof, out, baseline,
-                           progress=lambda r: console.print(f"  {r['name']}: " + (
-                               f"{r['gen_ms_median']:.1f} ms" if "error" not in r else f"[red]{r['error'][-200:]}")))
-        print((out / "bench.md").read_text())  # plain: a Markdown table must not be re-wrapped
-        console.print(f"wrote {out}/bench.json, bench.md, bench.png")
         raise typer.Exit(0 if report["passed"] else 1)
 
 

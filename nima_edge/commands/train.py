@@ -1,4 +1,4 @@
-"""nima-edge train / eval / generate: the PyTorch side."""
+"""nima-edge train."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nima_edge.sampling import Sampling
+from nima_edge.commands.options import Force
 
 
 def register(app: typer.Typer) -> None:
@@ -33,10 +33,17 @@ def register(app: typer.Typer) -> None:
         mlflow: bool = typer.Option(None, "--mlflow/--no-mlflow",
                                     help="also track to MLflow in OUT/mlflow.db (needs mlflow)"),
         threads: int = typer.Option(None, help="CPU threads per process (default: torch's choice)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="start again over a previous run in --out"),
+        force: Force = False,
     ):
-        """Train a model from a preset and recipe on prepared data (torchrun: -m nima_edge.train)."""
+        """Train a model from a preset and recipe on prepared data (torchrun: -m nima_edge.train).
+
+        Ctrl-C or SIGTERM saves a resumable checkpoint before exiting; continue with --resume."""
         import torch
 
+        from nima_edge.outputs import check_run_out
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 decides
+            check_run_out(out, data, resume, overwrite, force)
         from nima_edge.train.recipe import build_config
         from nima_edge.train.trainer import train as run_train
         if threads:
@@ -50,40 +57,3 @@ def register(app: typer.Typer) -> None:
         summary = run_train(data, out, cfg, log=Console().print, resume=resume, overrides=given if resume else None)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
             Console().print(f"saved {out} (best of {summary.get('steps')} steps, {summary.get('seconds')} s)")
-
-    @app.command("eval")
-    def eval_(ckpt: Path = typer.Argument(..., help="checkpoint directory"),
-              data: Path = typer.Option(Path("data/shakespeare-char"), help="prepared data directory"),
-              split: str = typer.Option("val")):
-        """Print validation loss, perplexity and bits per character."""
-        from nima_edge.data import TokenData
-        from nima_edge.evaluate import evaluate
-        from nima_edge.checkpoint import load_model, trained_context
-        model, _, quant = load_model(ckpt)  # a quantized checkpoint is evaluated as its fake-quant model
-        r = evaluate(model, TokenData(data), split, context=trained_context(ckpt, model))
-        if quant:
-            Console().print(f"fake-quant model ({quant})")
-        Console().print(f"{split} loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
-                        f"bits/char {r['bits_per_char']:.4f}  ({r['tokens']:,} tokens)")
-
-    @app.command()
-    def generate(
-        model: Path = typer.Argument(..., help="checkpoint directory or exported artifact"),
-        prompt: str = typer.Option("", help="text to continue (BOS is prepended)"),
-        max_new_tokens: int = typer.Option(50),
-        temperature: float = typer.Option(0.0, help="0 = greedy"),
-        top_k: int = typer.Option(0),
-        top_p: float = typer.Option(1.0),
-        seed: int = typer.Option(None),
-        target: str = typer.Option(None, help="runtime to use (default: from the artifact)"),
-        threads: int = typer.Option(None),
-    ):
-        """Stream a continuation of the prompt through any runtime."""
-        from nima_edge.runtimes import load_runtime
-        rt = load_runtime(model, target, threads=threads)
-        out = Console(highlight=False)
-        out.print(prompt, end="")
-        for piece in rt.generate(prompt, max_new_tokens, Sampling(temperature, top_k, top_p, seed)):
-            out.print(piece, end="", markup=False)
-        out.print()
-        rt.close()

@@ -1,0 +1,18 @@
+"""Options several verbs share, declared once (each verb picks its own defaults)."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from nima_edge import targets
+
+Temperature = Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")]
+TopK = Annotated[int, typer.Option(help="sample among the k most likely tokens; 0 = all")]
+TopP = Annotated[float, typer.Option(help="nucleus sampling: the smallest set with this probability mass")]
+Seed = Annotated[Optional[int], typer.Option(help="random seed, for repeatable sampling")]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: the runtime's choice)")]
+Target = Annotated[Optional[str], typer.Option(
+    help="runtime to use (default: from the artifact's manifest or file type): "
+         + " | ".join(targets.names("runtime")))]
+Force = Annotated[bool, typer.Option("--force", help="replace an existing --out even though nima-edge did not write it")]
