@@ -18,19 +18,10 @@ from nima_edge.errors import NimaError
 from nima_edge.export import onnx_portable
 from nima_edge.quantization import load_quant
 from nima_edge.manifest import write_manifest
+from nima_edge.runtimes.tensorrt_format import CONFIG_FILE, ENGINE_FILE, import_tensorrt
 
 TARGET = "tensorrt"
-ENGINE_FILE, CONFIG_FILE = "model.engine", "nima_trt.json"
 QUANTS = ("f32", "int4")
-INSTALL = "pip install tensorrt-cu12 (or tensorrt-cu13; the 'tensorrt' extra) on a machine with an NVIDIA GPU"
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise NimaError("TensorRT is not installed (the tensorrt target needs it)", INSTALL) from e
-    return trt
 
 
 def profiles(cfg: dict, inputs: list[str]) -> list[dict[str, tuple[tuple, tuple, tuple]]]:

@@ -14,9 +14,9 @@ import torch
 
 from nima_edge.errors import NimaError
 from nima_edge.runtime import Runtime
+from nima_edge.runtimes.executorch_format import PTE_NAME
 from nima_edge.tokenizer import Tokenizer
 
-PTE_NAME = "model.pte"
 REEXPORT = "re-export it: nima-edge export CKPT --target executorch --out DIR"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from nima_edge.errors import NimaError
-from nima_edge.export.tensorrt import CONFIG_FILE, ENGINE_FILE, INSTALL, import_tensorrt
+from nima_edge.runtimes.tensorrt_format import CONFIG_FILE, ENGINE_FILE, INSTALL, import_tensorrt
 from nima_edge.runtime import Runtime
 from nima_edge.tokenizer import Tokenizer
 
