@@ -22,6 +22,7 @@ TOKENIZER_STRINGS = ["", " ", "  two  spaces", "\n", "line\nbreaks\n\n", "crlf\r
 PROMPTS = ["ROMEO:\n", "First Citizen:\nBefore we proceed", "KING RICHARD III:\nNow is the winter of",
            "To be, or not to be"]
 GREEDY_TOKENS = 50
+SELF_CHECK_TOKENS = 16  # the artifact's first greedy ids, recorded for the device-side self-check
 # Held-out text for the perplexity check when no --data is given (Sonnet 18, not in tinyshakespeare).
 DEFAULT_EVAL_TEXT = (
     "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
@@ -170,6 +171,10 @@ def verify(artifact: Runtime, reference: Runtime, quant: str, vs_fake_quant: boo
         "greedy_prefix": prefix,
         "greedy_artifact_text": artifact.detokenize(art_ids),
         "greedy_reference_text": reference.detokenize(ref_ids),
+        # what a board re-derives before trusting the copy it runs (android_demo/pi_demo.py, the app)
+        "self_check": {"prompt": PROMPTS[0], "prompt_ids": reference.tokenize(PROMPTS[0]),
+                       "tokens": art_ids[:SELF_CHECK_TOKENS], "quant": quant,
+                       "min_agreement": tol.greedy_agreement},
         "perplexity": {"reference": ppl_ref, "artifact": ppl_art, "rel_delta": rel, "tokens": len(ids)},
     }
 
