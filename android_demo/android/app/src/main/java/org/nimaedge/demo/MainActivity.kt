@@ -14,8 +14,12 @@ import org.pytorch.executorch.extension.llm.LlmModule
 
 /**
  * One activity: load a nima model exported with `nima-edge export CKPT --target executorch --out DIR`
- * (pushed with adb to MODEL_DIR), generate 50 greedy tokens with ExecuTorch's LlmModule and show the
+ * (pushed with adb to MODEL_DIR), check it is the verified model (SelfCheck: the first greedy tokens
+ * recorded in its manifest.json), generate 50 greedy tokens with ExecuTorch's LlmModule and show the
  * time against the latency budget (50 tokens in under 100 ms).
+ *
+ * Written against the Kotlin API of the executorch-android AAR (1.4 and later: load() and generate()
+ * throw on failure); the AAR must be the release that exported the .pte (gradle.properties, README).
  */
 class MainActivity : AppCompatActivity() {
 
@@ -23,9 +27,9 @@ class MainActivity : AppCompatActivity() {
         const val MODEL_DIR = "/data/local/tmp/nima"
         const val NEW_TOKENS = 50
         const val BUDGET_MS = 100.0
-        // nima tokenizers map this text to BOS (id 0); every training window starts with it.
-        // LlmModule.generate() asks its runner for no BOS, so the prompt carries it.
-        const val BOS = "<|bos|>"
+        // nima models are trained with BOS (id 0) in front of every window; the runner's tokenizer
+        // adds it only when asked (numBos), as pi_demo.py's GenerationConfig(num_bos=1) does.
+        const val NUM_BOS = 1
     }
 
     private val worker: ExecutorService = Executors.newSingleThreadExecutor()
@@ -65,7 +69,7 @@ class MainActivity : AppCompatActivity() {
         val tokenizer = File(MODEL_DIR, "tokenizer.json")
         if (!pte.canRead() || !tokenizer.canRead()) {
             show(status, "No model in $MODEL_DIR.\nPush one: adb push DIR/model.pte DIR/tokenizer.json " +
-                "DIR/tokenizer_config.json $MODEL_DIR/")
+                "DIR/tokenizer_config.json DIR/manifest.json $MODEL_DIR/")
             return
         }
         show(status, "Loading ${pte.path} (${pte.length() / 1024} KiB)…")
@@ -73,18 +77,21 @@ class MainActivity : AppCompatActivity() {
         try {
             // temperature 0: greedy, like the desktop verify/bench runs
             val m = LlmModule(pte.path, tokenizer.path, 0.0f)
-            val rc = m.load()
-            if (rc != 0) {
-                show(status, "Loading failed (ExecuTorch error $rc). Re-export the model with this app's " +
-                    "ExecuTorch version (see README).")
-                return
-            }
+            m.load()
             module = m
-        } catch (e: RuntimeException) {
-            show(status, "Cannot load the model: ${e.message}")
+        } catch (e: RuntimeException) {  // ExecutorchRuntimeException carries the ExecuTorch error code
+            show(status, "Loading failed: ${e.message}\nExport the model with the executorch release of " +
+                "this app's AAR (see README).")
             return
         }
-        show(status, "Loaded ${pte.name} in ${SystemClock.elapsedRealtime() - start} ms")
+        val loaded = "Loaded ${pte.name} in ${SystemClock.elapsedRealtime() - start} ms"
+        show(status, "$loaded\nSelf-check…")
+        val check = try {
+            SelfCheck(pte, File(MODEL_DIR, "manifest.json")).run().summary
+        } catch (e: RuntimeException) {
+            "Self-check FAIL: ${e.message}"
+        }
+        show(status, "$loaded\n$check")
         runOnUiThread { generate.isEnabled = true }
     }
 
@@ -116,13 +123,19 @@ class MainActivity : AppCompatActivity() {
             }
             // seqLen bounds prompt + new tokens; byte-level tokenizers use at most one token per byte,
             // so this always leaves room for NEW_TOKENS (the callback stops at exactly NEW_TOKENS).
-            val seqLen = (BOS.length + text.toByteArray().size + NEW_TOKENS + 1)
+            val seqLen = (NUM_BOS + text.toByteArray().size + NEW_TOKENS + 1)
             m.resetContext()
-            val rc = m.generate(BOS + text, seqLen, callback, false)
+            val error = try {
+                // temperature 0 (greedy), no echo of the prompt, BOS in front, no EOS appended
+                m.generate(text, seqLen, callback, false, 0.0f, NUM_BOS, 0)
+                null
+            } catch (e: RuntimeException) {
+                e.message
+            }
             val ms = (end - start) / 1e6
             val perBudget = if (count > 0) ms * NEW_TOKENS / count else Double.NaN
             val verdict = if (perBudget < BUDGET_MS) "MET" else "MISSED"
-            val report = if (rc != 0) "generate failed (ExecuTorch error $rc)" else
+            val report = if (error != null) "generate failed: $error" else
                 "%d tokens in %.1f ms (%.0f tokens/s, prefill included)\nbudget %d tokens < %.0f ms: %s\n%s"
                     .format(count, ms, 1000.0 * count / ms, NEW_TOKENS, BUDGET_MS, verdict, stats)
             runOnUiThread {
