@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nima_edge.atomic import atomic_path, sha256_file, write_text
+from nima_edge.atomic import atomic_dir, sha256_file, write_text
 from nima_edge.errors import NimaError
 from nima_edge.tokenizer import Tokenizer, train_tokenizer
 
@@ -77,14 +77,27 @@ def strip_gutenberg(text: str) -> str:
     return text
 
 
-def read_corpus(source: str) -> str:
+def _read_text(path: Path, encoding: str, errors: str) -> str:
+    """A corpus file's text; undecodable bytes are an error naming the offset unless `errors` says otherwise."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding, errors=errors)
+    except LookupError as e:
+        raise NimaError(f"unknown --encoding {encoding!r} or --errors {errors!r}",
+                        "use a Python codec name (utf-8, latin-1, cp1252 ...) and strict | replace | ignore") from e
+    except UnicodeDecodeError as e:
+        raise NimaError(f"{path} is not valid {encoding}: byte 0x{raw[e.start]:02x} at offset {e.start} ({e.reason})",
+                        "convert the file to UTF-8, or pass --encoding (e.g. latin-1) or --errors replace") from e
+
+
+def read_corpus(source: str, encoding: str = "utf-8", errors: str = "strict") -> str:
     if source == "shakespeare":
         return fetch_shakespeare()
     path = Path(source)
     if not path.exists():
         raise NimaError(f"corpus {path} does not exist", "pass 'shakespeare', a text file or a folder of .txt files")
     files = sorted(p for p in path.rglob("*.txt") if p.is_file()) if path.is_dir() else [path]
-    text = "\n\n".join(strip_gutenberg(p.read_text(encoding="utf-8", errors="replace")) for p in files)
+    text = "\n\n".join(strip_gutenberg(_read_text(p, encoding, errors)) for p in files)
     if not text.strip():
         raise NimaError(f"corpus {path} is empty" + (" (no .txt files with text)" if path.is_dir() else ""),
                         "point --corpus at a non-empty UTF-8 text file or folder")
@@ -120,26 +133,27 @@ def split(text: str, val_fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _save_tokens(path: Path, ids: list[int], dtype) -> None:
-    with atomic_path(path) as tmp:
-        np.asarray(ids, dtype=dtype).tofile(tmp)
-
-
-def prepare(source: str, out_dir: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
-            val_fraction: float = 0.1, min_dedupe_chars: int = 32) -> dict:
-    out_dir = Path(out_dir)
-    text = clean(read_corpus(source), min_dedupe_chars)
+def prepare(source: str, out_dir: str | Path, tokenizer: str | Tokenizer = "char", vocab_size: int | None = None,
+            val_fraction: float = 0.1, min_dedupe_chars: int = 32, encoding: str = "utf-8",
+            errors: str = "strict") -> dict:
+    """Write the prepared data directory `out_dir`, swapped in whole when complete (atomic_dir).
+    `tokenizer` is a kind to train on the corpus, or a Tokenizer to use as is (fine-tuning a model)."""
+    text = clean(read_corpus(source, encoding, errors), min_dedupe_chars)
     train_text, val_text = split(text, val_fraction)
-    tok = train_tokenizer(tokenizer, io.StringIO(train_text), vocab_size)
+    tok = (tokenizer if isinstance(tokenizer, Tokenizer)
+           else train_tokenizer(tokenizer, io.StringIO(train_text), vocab_size))
     dtype = np.uint16 if tok.vocab_size < 2 ** 16 else np.uint32
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"source": source, "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name}
-    for name, part in (("train", train_text), ("val", val_text)):
-        ids = tok.encode(part, add_bos=False)
-        _save_tokens(out_dir / f"{name}.bin", ids, dtype)
-        meta[name] = {"tokens": len(ids), "chars": len(part), "sha256": sha256_file(out_dir / f"{name}.bin")}
-    tok.save(out_dir / "tokenizer.json")
-    write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
+    with atomic_dir(out_dir) as tmp:
+        for name, part in (("train", train_text), ("val", val_text)):
+            ids = tok.encode(part, add_bos=False)
+            np.asarray(ids, dtype=dtype).tofile(tmp / f"{name}.bin")
+            meta[name] = {"tokens": len(ids), "chars": len(part), "sha256": sha256_file(tmp / f"{name}.bin")}
+        tok.save(tmp / "tokenizer.json")
+        if isinstance(tokenizer, Tokenizer):  # a model's own tokenizer: its special tokens travel with it
+            for name, content in tok.config_files().items():
+                (tmp / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return meta
 
 
@@ -152,8 +166,21 @@ class TokenData:
         if not meta_path.is_file():
             raise NimaError(f"{self.dir} is not a prepared data directory (no meta.json)",
                             f"run: nima-edge data prepare --out {self.dir}")
-        self.meta = json.loads(meta_path.read_text())
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise NimaError(f"{meta_path} is not valid JSON ({e})", f"re-run: nima-edge data prepare --out {self.dir}") from e
+        if not isinstance(self.meta, dict) or not {"dtype", "train", "val"} <= set(self.meta):
+            raise NimaError(f"{meta_path} is not a prepared data description (no dtype/train/val)",
+                            f"re-run: nima-edge data prepare --out {self.dir}")
         self.tokenizer = Tokenizer.from_file(self.dir / "tokenizer.json")
+
+    def check_tokenizer(self, tok: Tokenizer, owner: str | Path) -> None:
+        """Refuse to score `owner` (a model) on token ids from a different tokenizer: the numbers would be noise."""
+        if tok.hf.get_vocab(with_added_tokens=True) != self.tokenizer.hf.get_vocab(with_added_tokens=True):
+            raise NimaError(f"{self.dir} was tokenized with a different tokenizer ({self.meta.get('tokenizer')}, "
+                            f"{self.tokenizer.vocab_size} tokens) than {owner} ({tok.kind}, {tok.vocab_size} tokens)",
+                            f"prepare the data with the model's tokenizer, or pass the --data it was trained on")
 
     def tokens(self, split_name: str) -> np.ndarray:
         path = self.dir / f"{split_name}.bin"
