@@ -71,3 +71,42 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         Tokenizer.from_file(tmp_path / "tokenizer.json")
     with pytest.raises(NimaError, match="no room for merges"):
         train_tokenizer("bpe", CORPUS, vocab_size=100)
+
+
+def test_a_models_own_settings_are_read_from_its_files(tmp_path):
+    """tokenizer_config.json (AddedToken dicts, a list of named templates), chat_template.jinja (wins) and
+    generation_config.json's end ids; our own specials are not required then."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.add_special_tokens(["<|begin|>", "<|end|>", "<|turn_end|>"])
+    hf.add_tokens(list("abc"))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"content": "<|begin|>", "special": True}, "eos_token": "<|end|>",
+        "chat_template": [{"name": "default", "template": "old"}, {"name": "tool_use", "template": "tools"}]}))
+    tok = Tokenizer.from_file(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.chat_template) == (0, 1, None, "old")
+    assert not tok.adds_bos  # no post-processor: encoding adds nothing, as transformers would
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    tok = Tokenizer.from_file(tmp_path)
+    assert tok.chat_template == "{{ messages[0]['content'] }}" and tok.eos_ids == (1, 2)
+    again = Tokenizer.from_str(tok.hf.to_str(), tok.settings_json())
+    assert (again.bos_id, again.eos_ids, again.chat_template) == (tok.bos_id, tok.eos_ids, tok.chat_template)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|missing|>"}))
+    (tmp_path / "generation_config.json").unlink()
+    with pytest.raises(NimaError, match="no end-of-sequence token"):
+        Tokenizer.from_file(tmp_path)
+
+
+def test_own_tokenizer_settings_are_unchanged(byte_level):
+    """Our checkpoints keep <|bos|>/<|eos|>/<|pad|> at 0-2, BOS prepended and the shared CHAT_TEMPLATE."""
+    from nima_edge.tokenizer import CHAT_TEMPLATE
+    files = byte_level.config_files(256)
+    assert files["tokenizer_config.json"]["chat_template"] == CHAT_TEMPLATE
+    assert files["tokenizer_config.json"]["add_bos_token"] is True
+    assert files["generation_config.json"]["eos_token_id"] == 1 and byte_level.eos_ids == (1,)
