@@ -5,8 +5,9 @@ The artifact is a directory, so the stock LLM runner finds everything it needs s
                            llama::update_cache / llama::custom_sdpa, plus the runner's constant
                            metadata methods (get_max_context_len, get_eos_ids, use_kv_cache, ...)
     tokenizer.json         the checkpoint's tokenizer
-    tokenizer_config.json  names <|bos|>/<|eos|>: the runner's HF tokenizer reads BOS/EOS from it.
-                           The runner prepends BOS only when asked (GenerationConfig(num_bos=1)).
+    tokenizer_config.json  the checkpoint's special tokens and chat template: the runner's HF tokenizer
+                           reads BOS/EOS from it. The runner prepends BOS only when asked
+                           (GenerationConfig(num_bos=1)); generation_config.json lists the end ids.
     manifest.json
 
 Quantization (torchao, as ExecuTorch's export_llama does it): see export/executorch_quant.py.
@@ -38,8 +39,8 @@ def metadata(model, tokenizer, max_context: int) -> dict:
         "get_max_context_len": max_context,
         "get_n_layers": cfg.num_hidden_layers,
         "get_vocab_size": cfg.vocab_size,
-        "get_bos_id": tokenizer.bos_id,
-        "get_eos_ids": [tokenizer.eos_id],
+        "get_bos_id": tokenizer.bos_id if tokenizer.bos_id is not None else -1,
+        "get_eos_ids": list(tokenizer.eos_ids),
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": True,
         "enable_dynamic_shape": True,

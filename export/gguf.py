@@ -114,6 +114,25 @@ def permute_rows(n_rows: int, n_head: int) -> np.ndarray:
 
 
 
+def add_rope_scaling(w: gguf.GGUFWriter, cfg) -> np.ndarray | None:
+    """Rope scaling as llama.cpp reads it: linear as keys; llama3 as the per-frequency `rope_freqs` factors
+    convert_hf_to_gguf.py computes (returned, to be written as a tensor)."""
+    hf = cfg.to_hf()
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+        return None
+    if kind == "llama3":
+        from nima_edge.importer.gguf import LLAMA3_DEFAULTS, llama3_factors
+        return llama3_factors(cfg.head_dim, cfg.rope_theta, {**LLAMA3_DEFAULTS, **scaling})
+    raise NimaError(f"rope scaling {kind!r} has no GGUF export in nima-edge (linear and llama3 do)",
+                    "export this model to onnx, onnx-portable or executorch")
+
+
 def write_gguf(path: Path, model, tok, quant: str, result: dict | None, name: str) -> None:
     cfg = model.config
     linear_type, file_type = DIRECT[quant]
@@ -129,12 +148,18 @@ def write_gguf(path: Path, model, tok, quant: str, result: dict | None, name: st
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:  # llama.cpp assumes width / heads otherwise
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
+    rope_factors = add_rope_scaling(w, cfg)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(file_type)
     add_tokenizer(w, tok, cfg.vocab_size)
 
+    if rope_factors is not None:
+        w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_factors)
     # tied embeddings: state_dict_for_save drops lm_head, so no `output` tensor and llama.cpp reuses token_embd
     for hf_name, t in checkpoint.state_dict_for_save(model).items():
         name = names.get_name(hf_name, try_suffixes=(".weight",))

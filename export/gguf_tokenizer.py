@@ -1,23 +1,20 @@
-"""The tokenizer inside a GGUF: llama.cpp's `gpt2` (byte-level BPE) vocabulary, as its converter writes it.
+"""The tokenizer inside a GGUF: llama.cpp's vocabulary equivalent to the checkpoint's tokenizer.json.
 
-Our char and bpe tokenizers are byte-level BPE with GPT-2 pre-tokenization, so their vocab strings
-are already in the byte-to-unicode form llama.cpp's `gpt2` model reads, and the pre-tokenizer is
-llama.cpp's `gpt-2`. The word tokenizer (WordLevel with a custom split and <|unk|>) has no llama.cpp
-equivalent, so it is refused with a clear error.
+Byte-level BPE (our char and bpe tokenizers, GPT-2, SmolLM, Llama-3) is written as llama.cpp's `gpt2`
+vocabulary with the pre-tokenizer name whose regex matches (gpt-2, smollm, llama-bpe);
+SentencePiece-style BPE with byte fallback (Llama-2, TinyLlama) as the `llama` vocabulary with merge
+priorities as scores and byte tokens typed BYTE. The mapping lives in nima_edge/importer/gguf_vocab.py,
+shared with the GGUF importer. The word tokenizer (WordLevel with a custom split and <|unk|>) and
+anything else without a llama.cpp equivalent is refused with a clear error.
 """
 from __future__ import annotations
-
-import json
 
 import gguf
 
 from nima_edge.errors import NimaError
-from nima_edge.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
-
-# The exact tokenizer.json rides along so the runtime can stream-decode with the checkpoint's tokenizer;
-# llama.cpp itself ignores unknown keys.
-TOKENIZER_JSON_KEY = "nima.tokenizer.json"
-
+from nima_edge.importer.gguf_vocab import to_gguf_vocab
+from nima_edge.runtimes.gguf_format import TOKENIZER_JSON_KEY, TOKENIZER_SETTINGS_KEY
+from nima_edge.tokenizer import Tokenizer
 
 class Writer(gguf.GGUFWriter):
     """gguf-py refuses empty arrays, but GGUF allows them and llama.cpp's gpt2 vocab *requires* a merges
@@ -31,41 +28,34 @@ class Writer(gguf.GGUFWriter):
 
 
 def add_tokenizer(writer: Writer, tok: Tokenizer, n_vocab: int) -> None:
-    """Write tokens, types, merges, special ids and the chat template (llama.cpp's gpt2 layout)."""
+    """Write tokens, types, scores or merges, special ids and the chat template (llama.cpp's layout), plus
+    the exact tokenizer.json and its settings, which llama.cpp ignores and our runtime reads."""
     if tok.kind == "word":
         raise NimaError("llama.cpp has no word-level tokenizer (its vocabularies are SPM, BPE, WordPiece, "
                         "Unigram, RWKV), so a --tokenizer word model cannot be written as GGUF",
                         "prepare data with --tokenizer bpe or char and retrain, or export this model to onnx "
                         "or executorch")
-    by_id = {i: t for t, i in tok.hf.get_vocab(with_added_tokens=True).items()}
-    if sorted(by_id) != list(range(len(by_id))):
-        raise NimaError("the tokenizer's ids are not contiguous", "re-run nima-edge data prepare")
-    if len(by_id) > n_vocab:
-        raise NimaError(f"the tokenizer has {len(by_id)} tokens but the model only {n_vocab}",
-                        "the tokenizer.json belongs to another model")
-    special = set(SPECIAL_TOKENS)
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i in by_id:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if by_id[i] in special else gguf.TokenType.NORMAL)
-        else:  # embedding rows past the tokenizer: placeholders, as llama.cpp's converter pads them
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-    merges = json.loads(tok.hf.to_str())["model"].get("merges", [])
-    # tokenizers >= 0.20 stores a merge as a pair; GGUF wants "left right"
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_key_value(gguf.Keys.Tokenizer.MERGES, merges, gguf.GGUFValueType.ARRAY,
-                         sub_type=gguf.GGUFValueType.STRING)
-    writer.add_bos_token_id(tok.bos_id)
-    writer.add_eos_token_id(tok.eos_id)
-    writer.add_pad_token_id(tok.pad_id)
-    writer.add_add_bos_token(True)  # our post-processor prepends BOS; llama.cpp should too
+    vocab = to_gguf_vocab(tok, n_vocab)
+    writer.add_tokenizer_model(vocab.model)
+    if vocab.pre:
+        writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    else:  # llama.cpp's gpt2 vocabulary requires the key, even empty (the char tokenizer has no merges)
+        writer.add_key_value(gguf.Keys.Tokenizer.MERGES, vocab.merges, gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.STRING)
+    ids = vocab.special_ids
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                     ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id),
+                     ("eot", writer.add_eot_token_id)):
+        if ids.get(key) is not None:
+            add(ids[key])
+    writer.add_add_bos_token(vocab.add_bos)  # as the tokenizer.json's post-processor does
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)  # llama.cpp's and llama-cpp-python's chat formatting use it
+    if vocab.chat_template:  # llama.cpp's and llama-cpp-python's chat formatting use it
+        writer.add_chat_template(vocab.chat_template)
     writer.add_string(TOKENIZER_JSON_KEY, tok.hf.to_str())
+    writer.add_string(TOKENIZER_SETTINGS_KEY, tok.settings_json())

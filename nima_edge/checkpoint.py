@@ -17,7 +17,7 @@ from nima_edge.config import ModelConfig
 from nima_edge.errors import NimaError
 from nima_edge.model import NimaForCausalLM
 from nima_edge.quantization import QUANT_JSON, QuantizedWeight, apply_quant, describe, load_quant, result_files
-from nima_edge.tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, Tokenizer
+from nima_edge.tokenizer import Tokenizer
 
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
@@ -41,15 +41,9 @@ def save(out_dir: str | Path, model: NimaForCausalLM, tokenizer: Tokenizer, meta
         _json(tmp / "config.json", cfg.to_hf())
         save_file(state_dict_for_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp / "tokenizer.json")
-        _json(tmp / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-            "pad_token": PAD, "add_bos_token": True, "add_eos_token": False,
-            "model_max_length": cfg.max_position_embeddings, "chat_template": CHAT_TEMPLATE,
-        })
-        _json(tmp / "generation_config.json", {
-            "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
-            "max_length": cfg.max_position_embeddings, "do_sample": False,
-        })
+        # the tokenizer's own settings (ours: <|bos|>/<|eos|>/<|pad|> and CHAT_TEMPLATE; an import's: its own)
+        for name, content in tokenizer.config_files(cfg.max_position_embeddings).items():
+            _json(tmp / name, content)
         _json(tmp / "nima.json", {"tokenizer": tokenizer.kind, "dropout": cfg.dropout, **(meta or {})})
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)

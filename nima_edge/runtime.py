@@ -69,7 +69,8 @@ class Runtime(ABC):
 
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling | None = None,
                      stop_at_eos: bool = True) -> Iterator[int]:
-        """Reset, prefill, then yield up to `max_new_tokens` ids; stops early at EOS or a full context."""
+        """Reset, prefill, then yield up to `max_new_tokens` ids; stops early at an end-of-reply id (eos_ids) or a
+        full context."""
         sampling = sampling or Sampling()
         rng = sampling.rng()
         self.reset()
@@ -77,7 +78,7 @@ class Runtime(ABC):
         max_new_tokens = min(max_new_tokens, self.context_length - self.position)  # prompt + output fit
         for i in range(max_new_tokens):
             tok = choose(logits, sampling, rng)
-            if stop_at_eos and tok == self.tokenizer.eos_id:
+            if stop_at_eos and tok in self.tokenizer.eos_ids:
                 return
             yield tok
             if i + 1 == max_new_tokens:

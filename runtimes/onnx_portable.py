@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from nima_edge.errors import NimaError
-from nima_edge.export.onnx_portable import META_CONFIG, META_TOKENIZER, io_names
+from nima_edge.runtimes.onnx_portable_format import META_CONFIG, META_TOKENIZER, META_TOKENIZER_SETTINGS, io_names
 from nima_edge.runtime import Runtime
 from nima_edge.tokenizer import Tokenizer
 
@@ -38,8 +38,7 @@ def read_metadata(session: ort.InferenceSession, path: Path) -> tuple[Tokenizer,
     if META_TOKENIZER not in meta or META_CONFIG not in meta:
         raise NimaError(f"{path} has no nima-edge metadata (tokenizer, config)",
                         "export it with nima-edge export --target onnx-portable")
-    from tokenizers import Tokenizer as HFTokenizer
-    return Tokenizer(HFTokenizer.from_str(meta[META_TOKENIZER])), json.loads(meta[META_CONFIG])
+    return Tokenizer.from_str(meta[META_TOKENIZER], meta.get(META_TOKENIZER_SETTINGS)), json.loads(meta[META_CONFIG])
 
 
 class OnnxPortableRuntime(Runtime):
