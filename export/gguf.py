@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from nima_edge import checkpoint
-from nima_edge.atomic import atomic_path
+from nima_edge.atomic import temp_file
 from nima_edge.errors import NimaError
 from nima_edge.export.gguf_tokenizer import Writer, add_tokenizer
 from nima_edge.export.packing import pack_gguf
-from nima_edge.manifest import write_manifest
+from nima_edge.manifest import publish_file
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,11 @@ QUANTS = (*DIRECT, *LLAMA_QUANTS)
 RESULT_BITS = {"q8_0": 8, "q4_0": 4}
 
 
-def export(ckpt: Path, out: Path, quant: str, threads: int | None = None, **_options) -> Path:
+def export(ckpt: Path, out: Path, quant: str, threads: int | None = None, lora: Path | None = None,
+           **_options) -> Path:
+    if lora is not None:  # a fine-tune's PEFT adapter, written to load beside CKPT's own GGUF
+        from nima_edge.export.gguf_lora import export_adapter
+        return export_adapter(ckpt, Path(lora), out, quant)
     quant = quant.lower()
     if quant not in QUANTS:
         raise NimaError(f"unknown GGUF quant {quant!r}", f"choose one of: {', '.join(QUANTS)}")
@@ -52,28 +56,30 @@ def export(ckpt: Path, out: Path, quant: str, threads: int | None = None, **_opt
     model, tok = checkpoint.load(ckpt)
     from nima_edge.quantization import load_quant  # late: pulls in the quantization core
     result = load_quant(ckpt)
-    name = checkpoint.read_meta(ckpt).get("preset") or "nima"  # not the path: same inputs, same bytes
+    meta = checkpoint.read_meta(ckpt)
+    name = meta.get("preset") or meta.get("name") or "nima"  # not the path: same inputs, same bytes
     out.parent.mkdir(parents=True, exist_ok=True)
     extra: dict = {"tokenizer": tok.kind, "chat_template": "embedded (tokenizer.chat_template)"}
-    if quant in DIRECT:
-        used = _check_result(result, quant)
-        with atomic_path(out) as tmp:
+    # The artifact and its manifest are swapped in together (publish_file), never one without the other.
+    with temp_file(out) as tmp:
+        if quant in DIRECT:
+            used = _check_result(result, quant)
             write_gguf(tmp, model, tok, quant, used, name)
-        extra["weights"] = _weights_note(quant, result, used)
-    else:
-        with tempfile.TemporaryDirectory(dir=out.parent) as scratch, atomic_path(out) as tmp:
-            f32 = Path(scratch) / "f32.gguf"
-            write_gguf(f32, model, tok, "f32", None, name)
-            extra["fallbacks"] = llama_quantize(f32, tmp, quant, threads)
-        extra["weights"] = (f"llama.cpp's quantizer ({quant}) from the float weights"
-                            + ("; the checkpoint's quantization result is not used" if result else ""))
-        if extra["fallbacks"]:
-            kinds = Counter(f"{f['wanted']}->{f['used']}" for f in extra["fallbacks"])
-            log.warning("llama.cpp stored %d tensor(s) in a fallback type (%s; the width is not a multiple of "
-                        "the type's block); each is listed in the manifest", len(extra["fallbacks"]),
-                        ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items())))
-    extra["tensor_types"] = tensor_types(out)
-    write_manifest(out, "gguf", quant, ckpt, gguf=extra)
+            extra["weights"] = _weights_note(quant, result, used)
+        else:
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.nima-", suffix=".tmp") as scratch:
+                f32 = Path(scratch) / "f32.gguf"
+                write_gguf(f32, model, tok, "f32", None, name)
+                extra["fallbacks"] = llama_quantize(f32, tmp, quant, threads)
+            extra["weights"] = (f"llama.cpp's quantizer ({quant}) from the float weights"
+                                + ("; the checkpoint's quantization result is not used" if result else ""))
+            if extra["fallbacks"]:
+                kinds = Counter(f"{f['wanted']}->{f['used']}" for f in extra["fallbacks"])
+                log.warning("llama.cpp stored %d tensor(s) in a fallback type (%s; the width is not a multiple of "
+                            "the type's block); each is listed in the manifest", len(extra["fallbacks"]),
+                            ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items())))
+        extra["tensor_types"] = tensor_types(tmp)
+        publish_file(tmp, out, "gguf", quant, ckpt, gguf=extra)
     return out
 
 

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from nima_edge import checkpoint
-from nima_edge.atomic import write_text
+from nima_edge.atomic import fsync_dir, write_text
 from nima_edge.errors import NimaError
 from nima_edge.model import NimaForCausalLM
 from nima_edge.tokenizer import Tokenizer
@@ -65,10 +65,11 @@ def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
 
 
 def save_last(run_dir: Path, model: NimaForCausalLM, tok: Tokenizer, opt: torch.optim.Optimizer,
-              state: dict, rng: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write OUT/last as one unit (checkpoint.save swaps the whole directory in when complete)."""
+              state: dict, rng: dict[str, torch.Tensor], meta: dict, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write OUT/last as one unit (checkpoint.save swaps the whole directory in when complete);
+    `extra_files` are a job's own (e.g. a fine-tune's adapter tensors)."""
     tensors, opt_meta = optimizer_to_files(opt)
-    extra = {OPTIMIZER: save(tensors), RNG: save(rng),
+    extra = {**(extra_files or {}), OPTIMIZER: save(tensors), RNG: save(rng),
              STATE: (json.dumps({**state, "optimizer": opt_meta}, indent=1) + "\n").encode()}
     return checkpoint.save(run_dir / LAST, model, tok, meta=meta, extra_files=extra)
 
@@ -106,15 +107,22 @@ def load_last(run_dir: Path, device: str) -> tuple[dict, dict[str, torch.Tensor]
     return state, opt_tensors, rng, d
 
 
-def publish(run_dir: Path, model: NimaForCausalLM, tok: Tokenizer, meta: dict) -> None:
+def publish(run_dir: Path, model: NimaForCausalLM, tok: Tokenizer, meta: dict,
+            extra_files: dict[str, bytes] | None = None) -> None:
     """Make OUT itself an HF checkpoint of `model`. Each file is swapped in atomically (os.replace),
-    so a reader sees complete files at every moment; subdirectories (last/) are left alone."""
+    so a reader sees complete files at every moment; subdirectories (last/) are left alone.
+    `extra_files` (relative paths, e.g. a fine-tune's adapter/...) are swapped in before nima.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".publish.", dir=run_dir))
     try:
         checkpoint.save(staging / "ckpt", model, tok, meta=meta)
+        for name, data in sorted((extra_files or {}).items()):
+            (staging / "extra").write_bytes(data)
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / "extra", run_dir / name)
         for name in PUBLISHED:
             os.replace(staging / "ckpt" / name, run_dir / name)
+        fsync_dir(run_dir)  # the renames survive a power cut
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -28,6 +28,7 @@ SCHEDULES = ("cosine", "cosine_restarts", "constant")
 CLOCKS = ("steps", "time")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+FROM_CHECKPOINT = "checkpoint"  # fine-tuning a model of no preset (e.g. an import): its own config.json rules
 
 
 @dataclass
@@ -66,7 +67,7 @@ class TrainConfig:
         def bad(name: str, why: str, fix: str):
             raise NimaError(f"training setting {name} = {getattr(self, name)!r} {why}", fix)
 
-        if self.preset not in PRESETS:
+        if self.preset not in PRESETS and self.preset != FROM_CHECKPOINT:
             bad("preset", "is not a known preset", f"choose one of: {', '.join(PRESETS)}")
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("schedule_clock", CLOCKS),
                               ("precision", PRECISIONS), ("device", DEVICES)):
@@ -100,7 +101,7 @@ class TrainConfig:
         if self.schedule_clock == "time" and self.schedule != "cosine":
             bad("schedule_clock", f"applies only to schedule = \"cosine\", not {self.schedule!r}",
                 "use schedule_clock = \"steps\" with this schedule")
-        max_ctx = PRESETS[self.preset]["max_position_embeddings"]
+        max_ctx = PRESETS.get(self.preset, {}).get("max_position_embeddings", self.context)
         if self.context > max_ctx:
             bad("context", f"exceeds the {self.preset} context of {max_ctx}", f"use context <= {max_ctx}")
         return self

@@ -4,12 +4,17 @@ Per optimizer step: the learning rate from the schedule, `grad_accum` micro-batc
 (autocast where asked), gradient clipping, one optimizer step. Every `eval_every` steps: validation
 loss / perplexity / bits per character, the best model published to OUT, early stopping. Resumable
 checkpoints go to OUT/last (see checkpointing.py for the layout).
+
+What is trained on what is a `Job`: `PretrainJob` (a fresh model of the preset on random windows of
+a prepared corpus) here; fine-tuning (train/finetune.py) brings its own job to the same loop.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,18 +30,99 @@ from nima_edge.data import TokenData
 from nima_edge.errors import NimaError
 from nima_edge.evaluate import evaluate, windows
 from nima_edge.model import NimaForCausalLM
+from nima_edge.tokenizer import Tokenizer
 from nima_edge.train import checkpointing, distributed, optim, recipe
 from nima_edge.train.recipe import TrainConfig
 from nima_edge.train.schedules import lr_at
 from nima_edge.train.tracking import Tracker
 
-__all__ = ["TrainConfig", "train", "batch_starts"]
+__all__ = ["TrainConfig", "train", "batch_starts", "Job", "PretrainJob"]
 
 
 def batch_starts(seed: int, step: int, n_tokens: int, context: int, batch_size: int) -> np.ndarray:
     """Window starts of the global batch of `step`: a pure function of (seed, step), so a resumed or
     data-parallel run draws exactly the batches a single uninterrupted process would."""
     return np.random.default_rng([seed, step]).integers(0, n_tokens - context, batch_size)
+
+
+class Job:
+    """The model the loop trains, the data it draws batches from, and how it is evaluated and saved.
+
+    The loop owns everything else (schedule, optimizer, accumulation, DDP, budgets, early stopping,
+    resume): a job only answers these questions. Batches must be pure functions of (seed, step), so
+    resumed and data-parallel runs draw exactly what one uninterrupted process would.
+    """
+
+    tokenizer: Tokenizer
+
+    def check(self, cfg: TrainConfig) -> None:
+        """Raise NimaError when the data cannot feed `cfg`."""
+
+    def describe(self) -> str:
+        """What is trained on, for the start line (e.g. "1,000,000 training tokens")."""
+        return ""
+
+    def build_model(self, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def restore(self, model: torch.nn.Module, last: Path, device: torch.device) -> None:
+        """Load the weights saved in OUT/last (by `resumable`) into `model`."""
+        weights, _ = checkpoint.load(last, device=str(device))
+        model.load_state_dict(weights.state_dict())
+
+    def before_step(self, model: torch.nn.Module, cfg: TrainConfig, progress: dict) -> None:
+        """Called before every optimizer step (e.g. to switch on fake quantization late in a run)."""
+
+    def draw(self, cfg: TrainConfig, step: int) -> np.ndarray:
+        """The global batch of `step` as `batch_size` item indices (a pure function of seed and step)."""
+        raise NotImplementedError
+
+    def rows(self, cfg: TrainConfig, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of some drawn items; targets of -100 carry no loss."""
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, cfg: TrainConfig) -> dict:
+        """Validation metrics with at least loss, perplexity, bits_per_char and tokens."""
+        raise NotImplementedError
+
+    def publishable(self, model: torch.nn.Module) -> tuple[NimaForCausalLM, dict[str, bytes], dict]:
+        """(the model to ship, extra files beside it by relative path, extra nima.json metadata)."""
+        return model, {}, {}
+
+    def resumable(self, model: torch.nn.Module) -> tuple[NimaForCausalLM, dict[str, bytes]]:
+        """(a checkpointable model, extra files) that `restore` rebuilds the training state from."""
+        return model, {}
+
+
+class PretrainJob(Job):
+    """Pretraining: a fresh model of the preset on windows of a prepared corpus, drawn at random."""
+
+    def __init__(self, data_dir: str | Path):
+        self.data = TokenData(data_dir)
+        self.tokenizer, self.tokens = self.data.tokenizer, self.data.tokens("train")
+
+    def check(self, cfg: TrainConfig) -> None:
+        if len(self.tokens) <= cfg.context:
+            raise NimaError(f"{self.data.dir} has {len(self.tokens)} training tokens, fewer than one window of "
+                            f"{cfg.context}", "use a larger corpus or a shorter context")
+        if (val := len(self.data.tokens("val"))) < cfg.context:  # no window: no honest validation loss
+            raise NimaError(f"{self.data.dir} has {val} validation tokens, fewer than one window of {cfg.context}",
+                            "prepare the data with a larger --val-fraction, or train with a shorter --context")
+
+    def describe(self) -> str:
+        return f"{len(self.tokens):,} training tokens"
+
+    def build_model(self, cfg: TrainConfig, device: torch.device) -> NimaForCausalLM:
+        return NimaForCausalLM(preset(cfg.preset, vocab_size=self.tokenizer.vocab_size, dropout=cfg.dropout)).to(device)
+
+    def draw(self, cfg: TrainConfig, step: int) -> np.ndarray:
+        return batch_starts(cfg.seed, step, len(self.tokens), cfg.context, cfg.batch_size)
+
+    def rows(self, cfg: TrainConfig, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return windows(self.tokens, self.tokenizer.bos_id, cfg.context, items)
+
+    def evaluate(self, model: torch.nn.Module, cfg: TrainConfig) -> dict:
+        return evaluate(model, self.data, context=cfg.context, max_windows=cfg.eval_windows)
 
 
 def _precision(cfg: TrainConfig, device: torch.device):
@@ -50,6 +136,41 @@ def _precision(cfg: TrainConfig, device: torch.device):
     # fp16 has too little range for raw gradients: scale the loss (bf16 has fp32's range and needs none)
     scaler = torch.amp.GradScaler(device.type) if p == "fp16" else None
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT/SIGTERM after saving OUT/last."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+class StopRequest:
+    """While active, SIGINT/SIGTERM only set `signum`: the loop finishes its step, saves a resumable
+    checkpoint and raises TrainingInterrupted. A second signal acts at once (the old handlers are back)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -95,27 +216,28 @@ def _resolve_config(out: Path, cfg: TrainConfig | None, resume: bool, overrides:
     return TrainConfig(**{**saved.to_dict(), **overrides}).validate(), True
 
 
-def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = None, log=print,
+def train(data_dir: str | Path | None, out_dir: str | Path, cfg: TrainConfig | None = None, log=print,
           resume: bool = False, on_eval: Callable[[int, dict], None] | None = None,
-          overrides: dict | None = None, progress_bar: bool = True) -> dict:
+          overrides: dict | None = None, progress_bar: bool = True, job: Job | None = None) -> dict:
     """Train (or with `resume`, continue) a run in `out_dir`; returns the run summary.
 
     On return `out_dir` is an HF checkpoint of the best model on validation. `on_eval(step, metrics)`
     is called after each evaluation (the tuner prunes trials from it by raising). `overrides` are
     settings applied on top of `cfg`, or on top of the saved settings when resuming. The rich progress
-    bar (loss, tokens/s, ETA) shows on the main process unless `progress_bar` is False.
+    bar (loss, tokens/s, ETA) shows on the main process unless `progress_bar` is False. `job` replaces
+    the default PretrainJob(data_dir) (fine-tuning passes its own).
     """
     out = Path(out_dir)
     cfg, resuming = _resolve_config(out, cfg, resume, overrides or {}, log)
     dist = distributed.setup(cfg.device)
     try:
-        return _run(Path(data_dir), out, cfg, dist, resuming, log if dist.main else (lambda *_: None), on_eval,
-                    progress_bar and dist.main)
+        return _run(job or PretrainJob(data_dir), out, cfg, dist, resuming, log if dist.main else (lambda *_: None),
+                    on_eval, progress_bar and dist.main)
     finally:
         dist.close()
 
 
-def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming: bool, log, on_eval,
+def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming: bool, log, on_eval,
          progress_bar: bool) -> dict:
     dev = dist.device
     per_step = cfg.grad_accum * dist.world
@@ -123,22 +245,18 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
         raise NimaError(f"batch_size {cfg.batch_size} does not split into grad_accum {cfg.grad_accum} x "
                         f"{dist.world} process(es)", f"use a batch_size that is a multiple of {per_step}")
     micro = cfg.batch_size // per_step
-    data = TokenData(data_dir)
-    tok, train_tokens = data.tokenizer, data.tokens("train")
-    if len(train_tokens) <= cfg.context:
-        raise NimaError(f"{data_dir} has {len(train_tokens)} training tokens, fewer than one window of {cfg.context}",
-                        "use a larger corpus or a shorter context")
+    tok = job.tokenizer
+    job.check(cfg)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = NimaForCausalLM(preset(cfg.preset, vocab_size=tok.vocab_size, dropout=cfg.dropout)).to(dev)
+    model = job.build_model(cfg, dev)
     opt = optim.build(model, cfg)
     autocast, scaler = _precision(cfg, dev)
     progress = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_loss": math.inf, "best_step": None,
                 "bad_evals": 0, "last_eval": None, "finished": None}
     if resuming:
         state, opt_tensors, rng, last = checkpointing.load_last(out, str(dev))
-        weights, _ = checkpoint.load(last, device=str(dev))
-        model.load_state_dict(weights.state_dict())
+        job.restore(model, last, dev)
         checkpointing.optimizer_from_files(opt, opt_tensors, state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -161,8 +279,9 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
             shutil.rmtree(stale, ignore_errors=True)
         write_text(out / "recipe.toml", recipe.dumps(cfg, header=f"settings of the run in {out}"))
         tracker.log("resume" if resuming else "start", progress["step"], world=dist.world, device=str(dev),
-                    parameters=model.num_parameters())
-        log(f"{cfg.preset}: {model.num_parameters():,} parameters, {len(train_tokens):,} training tokens, "
+                    parameters=_count(model), trained_parameters=_count(model, trainable=True))
+        log(f"{cfg.preset}: {_count(model):,} parameters ({_count(model, trainable=True):,} trained), "
+            f"{job.describe()}, "
             f"{dist.world} process(es) on {dev}, global batch {cfg.batch_size} x {cfg.context} tokens")
 
     step_tokens = cfg.batch_size * cfg.context
@@ -173,18 +292,19 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
     bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.fields[step]:,}"),
                    TextColumn("{task.fields[info]}"), disable=not progress_bar)
     try:
-        with bar:
-            task = bar.add_task("train", total=1.0, completed=_fraction(progress, cfg), step=progress["step"], info="")
+        with bar, StopRequest() as stop_request:
+            task = bar.add_task("train", total=1.0, completed=run_fraction(progress, cfg), step=progress["step"],
+                                info="")
             for step in range(progress["step"], cfg.max_steps):
                 t_step = time.monotonic()
                 frac = elapsed / cfg.max_seconds if cfg.schedule_clock == "time" else None
                 lr = lr_at(step, cfg, frac)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                starts = batch_starts(cfg.seed, step, len(train_tokens), cfg.context, cfg.batch_size)
-                mine = starts[dist.rank * micro * cfg.grad_accum:(dist.rank + 1) * micro * cfg.grad_accum]
-                batches = [windows(train_tokens, tok.bos_id, cfg.context, mine[m * micro:(m + 1) * micro])
-                           for m in range(cfg.grad_accum)]
+                job.before_step(model, cfg, progress)
+                items = job.draw(cfg, step)
+                mine = items[dist.rank * micro * cfg.grad_accum:(dist.rank + 1) * micro * cfg.grad_accum]
+                batches = [job.rows(cfg, mine[m * micro:(m + 1) * micro]) for m in range(cfg.grad_accum)]
                 train_loss, grad_norm = _optimizer_step(net, opt, scaler, autocast, batches, params, cfg.grad_clip,
                                                         dist, dev)
                 session_train_s += time.monotonic() - t_step
@@ -192,8 +312,8 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
                 done = step + 1
                 progress["step"], progress["tokens"] = done, progress["tokens"] + step_tokens
 
-                # Rank 0's clock decides the budget, so every rank stops (and anneals) together.
-                elapsed, = dist.broadcast([time.monotonic() - clock0])
+                # Rank 0's clock (and Ctrl-C) decides the budget, so every rank stops (and anneals) together.
+                elapsed, stop_signal = dist.broadcast([time.monotonic() - clock0, float(stop_request.signum or 0)])
                 progress["elapsed"] = elapsed
                 out_of_time = cfg.max_seconds is not None and elapsed >= cfg.max_seconds
                 finishing = "max_steps" if done == cfg.max_steps else "max_seconds" if out_of_time else None
@@ -206,8 +326,9 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
                 if evaluating:
                     stop = 0.0
                     if dist.main:
-                        metrics = evaluate(model, data, context=cfg.context, max_windows=cfg.eval_windows)
-                        stop = float(_after_eval(out, model, tok, cfg, progress, metrics, tracker, log, train_loss))
+                        metrics = job.evaluate(model, cfg)
+                        stop = float(_after_eval(out, job, model, tok, cfg, progress, metrics, tracker, log,
+                                                 train_loss))
                     if dist.broadcast([stop])[0] and finishing is None:
                         finishing = "early_stopping"
                 if finishing:
@@ -216,13 +337,20 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
                 if finishing or done % every == 0:
                     rng = dist.gather(_rng_state(dev))
                     if dist.main:
-                        _save_last(out, model, tok, opt, scaler, cfg, progress, rng)
+                        _save_last(out, job, model, tok, opt, scaler, cfg, progress, rng)
+                if stop_signal and not finishing:  # SIGINT/SIGTERM: leave a resumable checkpoint, then exit
+                    if done % every:
+                        rng = dist.gather(_rng_state(dev))
+                        if dist.main:
+                            _save_last(out, job, model, tok, opt, scaler, cfg, progress, rng)
+                    log(f"interrupted at step {done}: saved {out / checkpointing.LAST}; continue with --resume")
+                    raise TrainingInterrupted(int(stop_signal))
                 if on_eval is not None and metrics is not None:
                     on_eval(done, {**metrics, "elapsed_s": elapsed, "train_tokens": progress["tokens"]})
                 eta = (cfg.max_steps - done) * session_train_s / (done - first_step)
                 if cfg.max_seconds is not None:
                     eta = min(eta, cfg.max_seconds - elapsed)
-                bar.update(task, completed=_fraction(progress, cfg), step=done,
+                bar.update(task, completed=run_fraction(progress, cfg), step=done,
                            info=f"loss {train_loss:.3f}  lr {lr:.2e}  {tok_s:,.0f} tok/s  ETA {max(eta, 0):.0f} s")
                 if finishing:
                     break
@@ -246,7 +374,11 @@ def _run(data_dir: Path, out: Path, cfg: TrainConfig, dist: distributed.Dist, re
     return summary
 
 
-def _fraction(progress: dict, cfg: TrainConfig) -> float:
+def _count(model: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def run_fraction(progress: dict, cfg: TrainConfig) -> float:
     """How far the run is through whichever budget (steps or seconds) ends it first."""
     frac = progress["step"] / cfg.max_steps
     return max(frac, progress["elapsed"] / cfg.max_seconds) if cfg.max_seconds else frac
@@ -287,7 +419,7 @@ def _done_reason(progress: dict, cfg: TrainConfig) -> str | None:
     return None
 
 
-def _after_eval(out: Path, model, tok, cfg: TrainConfig, progress: dict, metrics: dict, tracker: Tracker, log,
+def _after_eval(out: Path, job: Job, model, tok, cfg: TrainConfig, progress: dict, metrics: dict, tracker: Tracker, log,
                 train_loss: float) -> bool:
     """Record an evaluation, publish the model if it is the best so far; True when patience ran out."""
     step = progress["step"]
@@ -297,8 +429,9 @@ def _after_eval(out: Path, model, tok, cfg: TrainConfig, progress: dict, metrics
     improved = metrics["loss"] < progress["best_loss"] - cfg.min_delta
     if improved:
         progress.update(best_loss=metrics["loss"], best_step=step, bad_evals=0)
-        checkpointing.publish(out, model, tok, meta={"preset": cfg.preset, "training": {
-            "best_step": step, "val": metrics, "train_config": cfg.to_dict()}})
+        ship, extra, meta = job.publishable(model)
+        checkpointing.publish(out, ship, tok, meta={"preset": cfg.preset, **meta, "training": {
+            "best_step": step, "val": metrics, "train_config": cfg.to_dict()}}, extra_files=extra)
     else:
         progress["bad_evals"] += 1
     log(f"step {step}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
@@ -307,7 +440,10 @@ def _after_eval(out: Path, model, tok, cfg: TrainConfig, progress: dict, metrics
     return cfg.patience > 0 and progress["bad_evals"] >= cfg.patience
 
 
-def _save_last(out: Path, model, tok, opt, scaler, cfg: TrainConfig, progress: dict, rng_per_rank: list[dict]) -> None:
+def _save_last(out: Path, job: Job, model, tok, opt, scaler, cfg: TrainConfig, progress: dict,
+               rng_per_rank: list[dict]) -> None:
     rng = {f"{kind}.{rank}": t for rank, st in enumerate(rng_per_rank) for kind, t in st.items()}
     state = {"progress": progress, "config": cfg.to_dict(), "scaler": scaler.state_dict() if scaler else None}
-    checkpointing.save_last(out, model, tok, opt, state, rng, meta={"preset": cfg.preset, "step": progress["step"]})
+    weights, extra = job.resumable(model)
+    checkpointing.save_last(out, weights, tok, opt, state, rng, meta={"preset": cfg.preset, "step": progress["step"]},
+                            extra_files=extra)

@@ -1,0 +1,314 @@
+"""Fine-tuning: chat data (loss on assistant tokens only, packing), LoRA through PEFT (merge, adapter
+layout, transformers + PEFT load, llama.cpp adapter), bit-exact resume, and quantization-aware training
+whose codes `quantize --method qat` reads off and every target packs losslessly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nima_edge import chat_data, checkpoint
+from nima_edge.errors import NimaError
+from nima_edge.tokenizer import Tokenizer
+
+pytest.importorskip("peft", reason="the train extra (peft) is not installed")
+
+from nima_edge.train import finetune as ft  # noqa: E402  (needs peft at use)
+from nima_edge.train import qat  # noqa: E402
+
+QUIET = dict(log=lambda *_: None, progress_bar=False)
+CONV = [{"role": "system", "content": "You are Juliet."},
+        {"role": "user", "content": "Wherefore art thou?"},
+        {"role": "assistant", "content": "Here, my love."},
+        {"role": "user", "content": "Speak again."},
+        {"role": "assistant", "content": "O Romeo!"}]
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory, shakespeare_path) -> Path:
+    """A few hundred conversations of the bundled instruction set, built from the test corpus."""
+    from nima_edge.instructions import conversations
+    text = shakespeare_path.read_text(encoding="utf-8")[:200_000]
+    path = tmp_path_factory.mktemp("chat") / "instruct.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in conversations(text, max_chars=40, limit=300)))
+    return path
+
+
+def tiny_cfg(ckpt: Path, **kw):
+    base = dict(max_steps=12, batch_size=8, context=64, eval_every=4, eval_windows=4, warmup_steps=2, lr=3e-3)
+    return ft.build_config(ckpt, None, {**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_ckpt, chat_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ft") / "lora"
+    torch.set_num_threads(1)
+    ft.finetune(tiny_ckpt, chat_file, out, tiny_cfg(tiny_ckpt, patience=0),
+                ft.FinetuneConfig(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0), **QUIET)
+    return out
+
+
+# --- chat data ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data_fixture", ["char_data", "bpe_data"])
+def test_only_assistant_tokens_carry_loss(data_fixture, request):
+    tok = Tokenizer.from_file(request.getfixturevalue(data_fixture))
+    ids, mask = chat_data.encode(CONV, tok)
+    labelled = tok.decode([t for t, m in zip(ids, mask) if m], skip_special=False)
+    assert labelled == "Here, my love.<|eos|>O Romeo!<|eos|>"  # both replies and their end-of-turn, nothing else
+    rows = chat_data.pack([CONV, CONV[:3]], tok, context=256)
+    assert len(rows) == 1  # both conversations packed into one row
+    y = rows.labels[0]
+    x = rows.inputs[0]
+    carried = tok.decode([int(t) for t in y[y != chat_data.IGNORE]], skip_special=False)
+    assert carried == "Here, my love.<|eos|>O Romeo!<|eos|>Here, my love.<|eos|>"
+    n = len(ids) - 1
+    nxt = torch.tensor(ids[1:])
+    assert ((y[:n] == chat_data.IGNORE) | (y[:n] == nxt)).all()  # a label is the next token or nothing
+    assert x[n] == tok.bos_id  # the second conversation starts with its own BOS
+    used = n + len(chat_data.encode(CONV[:3], tok)[0]) - 1
+    assert (x[used:] == tok.pad_id).all() and (y[used:] == chat_data.IGNORE).all()  # padding carries no loss
+
+
+def test_loss_ignores_everything_but_the_assistant(tiny_ckpt):
+    """Changing the user's text changes no label, and the loss equals the mean over assistant tokens."""
+    model, tok = checkpoint.load(tiny_ckpt)
+    rows = chat_data.pack([CONV], tok, context=128)
+    logits, loss = model(rows.inputs, rows.labels)
+    keep = rows.labels != chat_data.IGNORE
+    manual = torch.nn.functional.cross_entropy(logits[keep], rows.labels[keep])
+    assert torch.allclose(loss, manual, atol=1e-6)
+    other = [CONV[0], {"role": "user", "content": "Who is there?"}, *CONV[2:]]
+    assert chat_data.pack([other], tok, 128).label_tokens == rows.label_tokens
+
+
+def test_bad_chat_data_is_named(tmp_path, tiny_ckpt):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "narrator", "content": "x"}]}\n')
+    with pytest.raises(NimaError, match="bad.jsonl:2"):
+        chat_data.read_jsonl(bad)
+    bad.write_text('{"messages": [{"role": "user", "content": "no reply"}]}\n')
+    with pytest.raises(NimaError, match="no assistant message"):
+        chat_data.read_jsonl(bad)
+
+
+# --- LoRA ----------------------------------------------------------------------------------------------
+
+def test_merged_lora_equals_unmerged_forward(tiny_ckpt):
+    model, _ = checkpoint.load(tiny_ckpt)
+    torch.manual_seed(0)
+    peft_model = ft.add_lora(model, ft.FinetuneConfig(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0))
+    with torch.no_grad():  # PEFT starts B at zero (a no-op adapter); give it a real update
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.eval()
+    x = torch.randint(0, 262, (2, 48))
+    merged = ft.merged(peft_model).eval()
+    assert type(merged).__name__ == "NimaForCausalLM"
+    with torch.no_grad():
+        unmerged_logits, merged_logits, base_logits = peft_model(x), merged(x), checkpoint.load(tiny_ckpt)[0](x)
+    assert (unmerged_logits - base_logits).abs().max() > 1e-2  # the adapter does something
+    torch.testing.assert_close(merged_logits, unmerged_logits, atol=1e-5, rtol=0)
+
+
+def test_lora_run_writes_merged_model_and_peft_adapter(lora_run, tiny_ckpt):
+    meta = checkpoint.read_meta(lora_run)
+    assert meta["finetune"]["data_kind"] == "chat" and meta["finetune"]["lora_rank"] == 4
+    config = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert Path(config["base_model_name_or_path"]) == tiny_ckpt.resolve()
+    tensors = load_file(str(lora_run / "adapter" / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.model.layers.") for k in tensors)
+    assert len(tensors) == 2 * 7 * 3  # A and B of 7 linears in 3 layers
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)  # it trained
+    # the merged checkpoint is an ordinary one, and equals base + adapter
+    merged, _ = checkpoint.load(lora_run)
+    unmerged, _ = ft.load_adapter(tiny_ckpt, lora_run / "adapter")
+    x = torch.randint(0, 262, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), unmerged(x), atol=1e-5, rtol=0)
+
+
+def test_adapter_loads_in_transformers_with_peft(lora_run, tiny_ckpt):
+    transformers = pytest.importorskip("transformers")
+    from peft import PeftModel
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_ckpt), dtype=torch.float32)
+    hf = PeftModel.from_pretrained(hf, str(lora_run / "adapter")).eval()
+    ours, _ = checkpoint.load(lora_run)
+    x = torch.randint(0, 262, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=x).logits, ours(x), atol=1e-4, rtol=0)
+
+
+def test_llama_cpp_adapter_changes_logits_like_ours(lora_run, tiny_ckpt, tmp_path):
+    pytest.importorskip("llama_cpp", reason="the gguf extra is not installed")
+    from nima_edge.export import export
+    from nima_edge.runtimes import load_runtime
+    from nima_edge.runtimes.torch_reference import TorchRuntime
+    from nima_edge.verify import TOLERANCES
+    base_gguf = export(tiny_ckpt, "gguf", tmp_path / "base.gguf", "f32")
+    adapter_gguf = export(tiny_ckpt, "gguf", tmp_path / "adapter.gguf", "f32", lora=lora_run / "adapter")
+    import gguf
+    meta = {f.name: f.contents() for f in gguf.GGUFReader(adapter_gguf).fields.values()}
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    ids = [0, *TorchRuntime(tiny_ckpt).tokenize("ROMEO:\nWhat light", add_bos=False)]
+    logits = {}
+    for name, rt in (("base", load_runtime(base_gguf)), ("lora", load_runtime(base_gguf, lora=adapter_gguf)),
+                     ("torch_base", TorchRuntime(tiny_ckpt)), ("torch_lora", TorchRuntime(lora_run))):
+        logits[name] = rt.prefill(ids)
+        rt.close()
+    ours = logits["torch_lora"] - logits["torch_base"]
+    theirs = logits["lora"] - logits["base"]
+    assert np.abs(ours).max() > 1e-3  # the adapter changes the logits ...
+    assert np.abs(theirs - ours).max() <= TOLERANCES["float32"].logits_max_abs  # ... the same way in llama.cpp
+
+
+def test_finetune_resume_is_bit_exact(tiny_ckpt, chat_file, tmp_path):
+    """finetune 12 == finetune, crash at 9 (last checkpoint at 8), resume to 12; LoRA dropout makes RNG matter."""
+    cfg = tiny_cfg(tiny_ckpt, checkpoint_every=4, eval_every=3)
+    settings = ft.FinetuneConfig(lora_rank=4, lora_dropout=0.1)
+    ft.finetune(tiny_ckpt, chat_file, tmp_path / "straight", cfg, settings, **QUIET)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_9(step, metrics):
+        if step == 9:
+            raise Crash
+
+    with pytest.raises(Crash):
+        ft.finetune(tiny_ckpt, chat_file, tmp_path / "resumed", cfg, settings, on_eval=crash_at_9, **QUIET)
+    summary = ft.finetune(None, None, tmp_path / "resumed", resume=True, **QUIET)
+    assert summary["steps"] == 12
+    for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+        a = load_file(str(tmp_path / "straight" / "last" / name))
+        b = load_file(str(tmp_path / "resumed" / "last" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_text_finetune_full(tiny_ckpt, shakespeare_path, tmp_path):
+    """Plain text with the checkpoint's tokenizer, every weight trained; resume refuses a changed base."""
+    corpus = tmp_path / "domain.txt"
+    corpus.write_text(shakespeare_path.read_text(encoding="utf-8")[-60_000:])
+    out = tmp_path / "full"
+    summary = ft.finetune(tiny_ckpt, corpus, out, tiny_cfg(tiny_ckpt, max_steps=4), ft.FinetuneConfig(full=True),
+                          **QUIET)
+    assert summary["steps"] == 4
+    assert checkpoint.read_meta(out)["finetune"]["data_kind"] == "text"
+    assert not (out / "adapter").exists()
+    before, after = checkpoint.load(tiny_ckpt)[0].state_dict(), checkpoint.load(out)[0].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_finetune_settings_are_checked(tiny_ckpt, chat_file, tmp_path):
+    with pytest.raises(NimaError, match="LoRA keeps them frozen"):
+        ft.FinetuneConfig(qat="int4-g32").validate()
+    with pytest.raises(NimaError, match="not linears"):
+        ft.FinetuneConfig(lora_targets=["embed_tokens"]).validate()
+    with pytest.raises(NimaError, match="unknown QAT scheme"):
+        qat.parse("int3-g32")
+    with pytest.raises(NimaError, match="context = 100000 exceeds"):
+        ft.finetune(tiny_ckpt, chat_file, tmp_path / "x", tiny_cfg(tiny_ckpt, context=100_000), **QUIET)
+
+
+# --- QAT -----------------------------------------------------------------------------------------------
+
+def test_fake_quant_weight_is_the_quantize_grid():
+    from nima_edge.quantization import rtn
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) * 0.05
+    for bits, group in ((4, 32), (4, 128), (8, 32)):
+        assert torch.equal(qat.quantized_weight(w, bits, group), rtn(w, bits, group).dequantize())
+
+
+def test_straight_through_gradient():
+    lin = torch.nn.Linear(64, 16, bias=False)
+    model = torch.nn.Module()
+    model.q_proj = lin
+    qat.enable(model, qat.parse("8da4w"))
+    assert isinstance(lin, qat.FakeQuantLinear) and "weight" in dict(lin.named_parameters())
+    x = torch.randn(3, 64, requires_grad=True)
+    lin(x).sum().backward()
+    # straight through both roundings: the gradients of sum(xq @ Wq^T), passed to the float x and W
+    xq, wq = qat.quantized_activations(x.detach()), qat.quantized_weight(lin.weight, 4, 32)
+    torch.testing.assert_close(lin.weight.grad, xq.sum(0).expand(16, 64))
+    torch.testing.assert_close(x.grad, wq.sum(0).expand(3, 64))
+    qat.disable(model)
+    assert type(lin) is torch.nn.Linear
+
+
+def test_activation_fake_quant_matches_torchao():
+    pytest.importorskip("torchao", reason="the executorch extra (torchao) is not installed")
+    from torchao.quantization.utils import _choose_qparams_per_token_asymmetric
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 128) * 3 + 0.5
+    scale, zero = _choose_qparams_per_token_asymmetric(x, torch.float32, torch.float32)
+    ref = (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
+    torch.testing.assert_close(qat.quantized_activations(x), ref, atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def qat_run(tiny_ckpt, chat_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ft") / "qat"
+    ft.finetune(tiny_ckpt, chat_file, out, tiny_cfg(tiny_ckpt, max_steps=8, eval_every=4),
+                ft.FinetuneConfig(full=True, qat="int4-g32", qat_fraction=0.5), **QUIET)
+    return out
+
+
+def test_qat_result_holds_the_trained_codes(qat_run, tiny_ckpt, tmp_path):
+    from nima_edge.quantization import load_quant
+    meta = checkpoint.read_meta(qat_run)
+    assert meta["qat"]["name"] == "int4-g32" and meta["training"]["best"]["step"] >= 4  # chosen among QAT evals
+    quantized = qat.quantize_checkpoint(qat_run, tmp_path / "q")
+    result = load_quant(quantized)
+    assert {q.method for q in result.values()} == {"qat"} and {q.group_size for q in result.values()} == {32}
+    # the fake-quant reference of the result IS the QAT forward, bit for bit
+    trained, _ = checkpoint.load(qat_run)
+    qat.enable(trained, qat.parse("int4-g32"))
+    reference, _ = checkpoint.fake_quant_model(quantized)
+    x = torch.randint(0, 262, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(trained(x), reference(x))
+    with pytest.raises(NimaError, match="not trained with quantization-aware"):
+        qat.quantize_checkpoint(tiny_ckpt, tmp_path / "again")
+
+
+def test_qat_result_packs_losslessly(qat_run, tmp_path):
+    """Q4_0 (GGUF), MatMulNBits (ONNX Runtime) and 8da4w (torchao / ExecuTorch) all carry the trained codes."""
+    from nima_edge.export import packing
+    from nima_edge.quantization import load_quant
+    result = load_quant(qat.quantize_checkpoint(qat_run, tmp_path / "q"))
+    for name, q in result.items():
+        g = packing.unpack_gguf(packing.pack_gguf(q), 4, q.shape)
+        assert torch.equal(g.codes, q.codes) and torch.equal(g.dequantize(), q.dequantize()), name
+        m = packing.unpack_matmul_nbits(*packing.pack_matmul_nbits(q), bits=4, block_size=q.group_size)
+        assert torch.equal(m.codes, q.codes) and torch.equal(m.dequantize(), q.dequantize()), name
+        i = packing.unpack_intx(*packing.pack_intx(q), bits=4)
+        assert torch.equal(i.codes, q.codes) and torch.equal(i.dequantize(), q.dequantize()), name
+
+
+def test_qat_gguf_q4_0_is_the_result(qat_run, tmp_path):
+    """Through the real exporter: the Q4_0 tensors llama.cpp reads are the trained codes, block for block."""
+    pytest.importorskip("gguf", reason="the gguf extra is not installed")
+    import gguf
+    from nima_edge.export import export
+    from nima_edge.export.gguf import permute_rows
+    from nima_edge.export.packing import unpack_gguf
+    from nima_edge.quantization import load_quant
+    quantized = qat.quantize_checkpoint(qat_run, tmp_path / "q")
+    result = load_quant(quantized)
+    path = export(quantized, "gguf", tmp_path / "m.gguf", "q4_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    q = result["model.layers.0.self_attn.q_proj.weight"]
+    data = tensors["blk.0.attn_q.weight"].data
+    cfg = checkpoint.load(quantized)[0].config
+    order = permute_rows(q.shape[0], cfg.num_attention_heads)
+    assert torch.equal(unpack_gguf(np.asarray(data), 4, q.shape).codes, q.codes[order])
+    down = result["model.layers.2.mlp.down_proj.weight"]
+    assert torch.equal(unpack_gguf(np.asarray(tensors["blk.2.ffn_down.weight"].data), 4, down.shape).codes, down.codes)
