@@ -243,14 +243,16 @@ def test_straight_through_gradient():
     assert type(lin) is torch.nn.Linear
 
 
-def test_activation_fake_quant_matches_torchao():
-    pytest.importorskip("torchao", reason="the executorch extra (torchao) is not installed")
-    from torchao.quantization.utils import _choose_qparams_per_token_asymmetric
+def test_activation_fake_quant_is_xnnpacks_per_token_rule():
+    """8da4w's activations: equal to torch's reference ops for ExecuTorch's dynamic per-token int8."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+    ops = torch.ops.quantized_decomposed
     torch.manual_seed(0)
-    x = torch.randn(4, 7, 128) * 3 + 0.5
-    scale, zero = _choose_qparams_per_token_asymmetric(x, torch.float32, torch.float32)
-    ref = (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
-    torch.testing.assert_close(qat.quantized_activations(x), ref, atol=0, rtol=0)
+    for x in (torch.randn(4, 7, 128) * 3 + 0.5, torch.rand(2, 64) + 1.0, -torch.rand(3, 32), torch.zeros(1, 32)):
+        scale, zero = ops.choose_qparams_per_token_asymmetric(x, torch.int8)
+        q = ops.quantize_per_token(x, scale, zero, -128, 127, torch.int8)
+        ref = ops.dequantize_per_token(q, scale, zero, -128, 127, torch.int8, torch.float32)
+        assert torch.equal(qat.quantized_activations(x), ref)
 
 
 @pytest.fixture(scope="module")

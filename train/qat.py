@@ -9,7 +9,8 @@ Schemes (`--qat`):
   ones the model was trained with, and every target packs them with no further rounding error.
 - `8da4w` (ExecuTorch's XNNPACK scheme, `8da4w-gN` for other groups): the same int4 weights plus
   int8 per-token asymmetric fake quantization of each linear's input, as XNNPACK's dynamically
-  quantized fully-connected kernels do at run time (torchao's per-token qparams, XNNPACK's rule).
+  quantized fully-connected kernels do at run time (XNNPACK's rule, as torch's reference ops
+  quantized_decomposed.choose_qparams_per_token_asymmetric / quantize_per_token compute it).
 
 Embeddings, lm_head and norms stay float, as in the quantization core. The fake-quant forward is
 switched on in place (the Linear's class becomes FakeQuantLinear: same parameters, same names, so
@@ -79,16 +80,18 @@ def quantized_weight(weight: torch.Tensor, bits: int, group_size: int) -> torch.
 
 @torch.no_grad()
 def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """int8 per-token asymmetric fake quantization (torchao's _choose_qparams_per_token_asymmetric,
-    which follows XNNPACK's rule: the range always holds 0, the zero point minimises the clipping error)."""
+    """int8 per-token asymmetric fake quantization with XNNPACK's rule (the range always holds 0, the
+    zero point is chosen to minimise the rounding error at the ends), in the arithmetic of torch's
+    reference ops (qparams in fp32, quantize / dequantize in fp64): equal to them bit for bit (tested)."""
     qmin, qmax = -128, 127
     xf = x.float()
     lo = xf.amin(dim=-1, keepdim=True).clamp(max=0.0)
     hi = xf.amax(dim=-1, keepdim=True).clamp(min=0.0)
-    scale = ((hi - lo) / (qmax - qmin)).clamp(min=torch.finfo(torch.float32).eps)
+    scale = ((hi - lo) / float(qmax - qmin)).clamp(min=torch.finfo(torch.float32).eps)
     from_min, from_max = qmin + lo / scale, qmax + hi / scale
     zero = torch.where(from_min + from_max > 0, qmin - lo / scale, qmax - hi / scale).clamp(qmin, qmax).round()
-    q = torch.clamp(torch.round(xf / scale) + zero, qmin, qmax)
+    scale, zero = scale.double(), zero.double()
+    q = (xf * (1.0 / scale) + zero).round().clamp(qmin, qmax)
     return ((q - zero) * scale).to(x.dtype)
 
 
