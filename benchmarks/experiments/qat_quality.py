@@ -1,0 +1,117 @@
+"""QAT quality table: int4 perplexity gap to float for RTN, GPTQ and QAT, measured through GGUF Q4_0 artifacts.
+
+    python benchmarks/experiments/qat_quality.py --ckpt runs/nima-1m --data data/shakespeare-char \
+        --out runs/qat-quality --steps 300 --groups 32 128 --windows 64
+
+For each group size: RTN and GPTQ quantize the float checkpoint (`nima-edge quantize`); QAT fine-tunes
+it on the same training split with `--full --qat int4-gG` for `--steps` steps (all of them with fake
+quantization), then `quantize --method qat` reads off the trained codes. Every model is exported to a
+GGUF (f32 for the float ones, Q4_0 packed from the result for the int4 ones) and scored by llama.cpp
+(llama-cpp-python) on the same evenly spaced validation windows at the training context. A float
+fine-tune with the same steps and settings, without QAT, is the control: it shows how much of QAT's
+figure is just more training. "QAT / GPTQ gap" is (ppl_QAT - ppl_float) / (ppl_GPTQ - ppl_float).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from nima_edge.atomic import write_text
+from nima_edge.evaluate import evaluate_path
+from nima_edge.export import export
+from nima_edge.export.quantize import quantize_checkpoint
+from nima_edge.train import finetune as ft
+from nima_edge.train import qat
+
+
+def score(model: Path, data: Path, windows: int) -> dict:
+    r = evaluate_path(model, data, "val", windows, lines=0)
+    return {"perplexity": r["perplexity"], "loss": r["loss"], "tokens": r["tokens"], "target": r["target"]}
+
+
+def finetune(ckpt: Path, data: Path, out: Path, steps: int, scheme: str | None) -> Path:
+    if (out / "nima.json").is_file():
+        return out  # reuse a finished run (the script is restartable)
+    cfg = ft.build_config(ckpt, None, {"max_steps": steps, "eval_every": max(steps // 5, 1), "patience": 0,
+                                       "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 10, "batch_size": 16})
+    settings = ft.FinetuneConfig(full=True, qat=scheme, qat_fraction=1.0)
+    ft.finetune(ckpt, data, out, cfg, settings, progress_bar=False)
+    return out
+
+
+def run(ckpt: Path, data: Path, out: Path, steps: int, groups: list[int], windows: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    load = [os.getloadavg()[0]]
+    rows = []
+
+    def add(name: str, model_dir: Path, quant: str, extra: dict | None = None):
+        t0 = time.perf_counter()
+        art = out / f"{model_dir.name}-{quant}.gguf"
+        if not art.is_file():
+            export(model_dir, "gguf", art, quant)
+        r = {"scheme": name, "checkpoint": str(model_dir), "artifact": str(art), **score(art, data, windows),
+             "torch_perplexity": score(model_dir, data, windows)["perplexity"], **(extra or {})}
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(r)
+        print(f"{name:24s} llama.cpp ppl {r['perplexity']:.4f}  (PyTorch {r['torch_perplexity']:.4f})", flush=True)
+
+    add("float", ckpt, "f32")
+    add(f"float + {steps} steps", finetune(ckpt, data, out / "float-ft", steps, None), "f32")
+    for g in groups:
+        for method in ("rtn", "gptq"):
+            q = out / f"{method}-g{g}"
+            if not (q / "nima.json").is_file():
+                quantize_checkpoint(ckpt, q, 4, g, method, data if method == "gptq" else None)
+            add(f"int4 {method} g{g}", q, "q4_0")
+        trained = finetune(ckpt, data, out / f"qat-ft-g{g}", steps, f"int4-g{g}")
+        q = out / f"qat-g{g}"
+        if not (q / "nima.json").is_file():
+            qat.quantize_checkpoint(trained, q)
+        add(f"int4 qat g{g} ({steps} steps)", q, "q4_0")
+    load.append(os.getloadavg()[0])
+    fp = rows[0]["perplexity"]
+    by = {r["scheme"]: r for r in rows}
+    for r in rows:
+        r["gap_pct"] = 100 * (r["perplexity"] - fp) / fp
+    for g in groups:
+        gptq_gap = by[f"int4 gptq g{g}"]["perplexity"] - fp
+        q = by[f"int4 qat g{g} ({steps} steps)"]
+        q["qat_over_gptq_gap"] = (q["perplexity"] - fp) / gptq_gap if gptq_gap > 0 else None
+    return {"checkpoint": str(ckpt), "data": str(data), "qat_steps": steps, "eval_windows": windows,
+            "load_average": load, "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| model | val perplexity (llama.cpp, GGUF) | gap to float | QAT gap / GPTQ gap | PyTorch perplexity |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        ratio = r.get("qat_over_gptq_gap")
+        lines.append(f"| {r['scheme']} | {r['perplexity']:.4f} | {r['gap_pct']:+.2f}% | "
+                     f"{'' if ratio is None else f'{ratio:.2f}'} | {r['torch_perplexity']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", type=Path, required=True, help="float checkpoint")
+    ap.add_argument("--data", type=Path, required=True, help="the prepared data it was trained on")
+    ap.add_argument("--out", type=Path, required=True, help="work folder (checkpoints, GGUFs, table.md, table.json)")
+    ap.add_argument("--steps", type=int, default=300, help="QAT (and control) fine-tuning steps")
+    ap.add_argument("--groups", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--windows", type=int, default=64, help="validation windows scored per model")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    result = run(args.ckpt, args.data, args.out, args.steps, args.groups, args.windows)
+    write_text(args.out / "table.md", markdown(result))
+    write_text(args.out / "table.json", json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
