@@ -112,11 +112,15 @@ def check_loads(path: Path) -> None:
 
 def export(ckpt: Path, out: Path, quant: str = "f32", group_size: int = DEFAULT_GROUP,
            accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> Path:
-    model, _ = checkpoint.load(ckpt)
+    model, tok = checkpoint.load(ckpt)
     qweights = quant_result(ckpt, model, quant, TARGET, group_size)
     float_sd = {k: v.detach() for k, v in model.state_dict().items()}
     with atomic_dir(out) as tmp:
         run_builder(ckpt, tmp)
+        # the builder copies the tokenizer files (specials, chat template) but not generation_config.json,
+        # which lists every id that ends a reply (Llama-3: <|eot_id|> and <|end_of_text|>)
+        generation = tok.config_files()["generation_config.json"]
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         extra = {}
         if qweights:
             proto = onnx.load(str(tmp / MODEL_FILE))  # pulls model.onnx.data in

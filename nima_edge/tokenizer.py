@@ -238,11 +238,31 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns generated ids into text pieces, holding back partial UTF-8 sequences (char/bpe split bytes)."""
+    """Turns generated ids into text pieces, holding back partial UTF-8 sequences (char/bpe split bytes).
+
+    tokenizers' DecodeStream does it incrementally; it refuses some sequences (SentencePiece-style
+    decoders with byte fallback, after bytes that form no character), so from then on the pieces come
+    from decoding the whole reply and sending what is new, a trailing U+FFFD waiting for its next byte.
+    """
 
     def __init__(self, tok: Tokenizer):
         self._tok = tok
-        self._ds = DecodeStream(skip_special_tokens=True)
+        self._ds: DecodeStream | None = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
+        self._sent = ""
 
     def step(self, token_id: int) -> str:
-        return self._ds.step(self._tok.hf, token_id) or ""
+        self._ids.append(token_id)
+        if self._ds is not None:
+            try:
+                piece = self._ds.step(self._tok.hf, token_id) or ""
+                self._sent += piece
+                return piece
+            except Exception:  # tokenizers raises a bare Exception ("Invalid prefix encountered ...")
+                self._ds = None
+        text = self._tok.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        same = next((i for i, (a, b) in enumerate(zip(text, self._sent)) if a != b), min(len(text), len(self._sent)))
+        piece, self._sent = text[same:], text
+        return piece
