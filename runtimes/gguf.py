@@ -15,13 +15,12 @@ from typing import Iterator, Sequence
 import gguf
 import llama_cpp
 import numpy as np
-from tokenizers import Tokenizer as HFTokenizer
 
 from nima_edge.errors import NimaError
 from nima_edge.runtime import Runtime
+from nima_edge.runtimes.gguf_format import TOKENIZER_JSON_KEY, TOKENIZER_SETTINGS_KEY
 from nima_edge.tokenizer import Tokenizer
 
-TOKENIZER_JSON_KEY = "nima.tokenizer.json"  # written by export/gguf_tokenizer.py
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
 
 
@@ -85,12 +84,13 @@ class LlamaCppRuntime(Runtime):
         meta = read_metadata(path)
         if TOKENIZER_JSON_KEY not in meta:
             raise NimaError(f"{path} was not written by nima-edge (no {TOKENIZER_JSON_KEY})",
-                            "export the checkpoint with nima-edge export --target gguf")
+                            f"bring it in first: nima-edge import {path} --out CKPT, then nima-edge export CKPT "
+                            "--target gguf (verify then checks it against PyTorch)")
         # an all-F32 file is the exact one, so its cache is F32 too; llama.cpp's F16 cache otherwise
         kv_type = kv_type or ("f32" if meta.get("general.file_type") == gguf.LlamaFileType.ALL_F32 else "f16")
         if kv_type not in KV_TYPES:
             raise NimaError(f"unknown KV cache type {kv_type!r}", f"choose one of: {', '.join(KV_TYPES)}")
-        self.tokenizer = Tokenizer(HFTokenizer.from_str(meta[TOKENIZER_JSON_KEY]))
+        self.tokenizer = Tokenizer.from_str(meta[TOKENIZER_JSON_KEY], meta.get(TOKENIZER_SETTINGS_KEY))
         self.context_length = context_length or int(meta["llama.context_length"])
         self.threads = threads or default_threads()
         try:
