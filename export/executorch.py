@@ -24,7 +24,6 @@ from nima_edge import checkpoint
 from nima_edge.atomic import atomic_dir
 from nima_edge.errors import NimaError
 from nima_edge.manifest import write_manifest
-from nima_edge.tokenizer import BOS, EOS, PAD
 
 PTE_NAME = "model.pte"
 QUANTS = ("fp32", "8da4w", "8da8w")
@@ -98,10 +97,11 @@ def export(ckpt: Path, out: Path, quant: str, group_size: int | None = None, log
         with open(tmp / PTE_NAME, "wb") as f:
             program.write_to_file(f)
         tok.save(tmp / "tokenizer.json")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(
-            {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "add_bos_token": True}, indent=2) + "\n")
+        for name, content in tok.config_files(max_context).items():  # special tokens, end ids, chat template
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+    num_bos = int(tok.adds_bos)
     write_manifest(out, "executorch", quant, ckpt, model_file=PTE_NAME, backend="xnnpack",
-                   max_context=max_context, runner={"num_bos": 1, "note": "pass num_bos=1: BOS is not "
-                                                    "added by the tokenizer's post-processor in the runner"},
+                   max_context=max_context, runner={"num_bos": num_bos, "note": f"pass num_bos={num_bos}: BOS is "
+                                                    "not added by the tokenizer's post-processor in the runner"},
                    quantization=info)
     return Path(out)
