@@ -31,6 +31,7 @@ TARGET = "onnx-portable"
 OPSET = 21  # blocked DequantizeLinear and int4 tensors need opset 21
 DEFAULT_GROUP = 128  # on-the-fly RTN: TensorRT's int4 weight-only block size
 META_TOKENIZER, META_CONFIG, META_QUANT = "nima.tokenizer", "nima.config", "nima.quant"
+META_TOKENIZER_SETTINGS = "nima.tokenizer.settings"  # Tokenizer.settings_json()
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -158,7 +159,8 @@ def build(ckpt: Path, quant: str, group_size: int = DEFAULT_GROUP) -> onnx.Model
     proto = _trace(model)
     if qweights:
         insert_dequantize(proto, qweights)
-    meta = {META_TOKENIZER: tok.hf.to_str(), META_CONFIG: json.dumps(model.config.to_hf()), META_QUANT: quant}
+    meta = {META_TOKENIZER: tok.hf.to_str(), META_TOKENIZER_SETTINGS: tok.settings_json(),
+            META_CONFIG: json.dumps(model.config.to_hf()), META_QUANT: quant}
     for key, value in meta.items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     proto.producer_name = "nima-edge"
