@@ -20,7 +20,7 @@ LAYERS = {"nima_edge": REPO / "nima_edge", "nima_edge.train": REPO / "train", "n
 # The core may reach these only through the registry (nima_edge/targets.py, which imports the light
 # runtimes/*_format.py modules) and load_runtime; commands/ and the pipeline are the application layer.
 CORE_MAY_IMPORT = {"nima_edge.targets": {"nima_edge.runtimes"}}
-APPLICATION = ("nima_edge.commands", "nima_edge.pipeline", "nima_edge.cli", "nima_edge.serve")
+APPLICATION = ("nima_edge.commands", "nima_edge.pipeline", "nima_edge.cli", "nima_edge.serve", "nima_edge.outputs")
 
 
 def modules() -> dict[str, Path]:
