@@ -19,8 +19,8 @@ from pathlib import Path
 from nima_edge.atomic import fsync_file, replace, sha256_file, temp_file, write_text
 from nima_edge.errors import NimaError
 
-TOOLS = ("nima-edge", "torch", "safetensors", "tokenizers", "gguf", "llama_cpp_python", "onnx", "onnxruntime",
-         "onnxruntime-genai", "executorch", "torchao", "tensorrt")
+# Recorded for every artifact; each target adds its own toolchain's distributions (nima_edge/targets.py).
+CORE_TOOLS = ("nima-edge", "torch", "safetensors", "tokenizers")
 
 
 def manifest_path(artifact: str | Path) -> Path:
@@ -32,9 +32,11 @@ def _backup_path(artifact: Path) -> Path:
     return artifact.with_name(f".{artifact.name}.manifest.json.old")
 
 
-def tool_versions(names=TOOLS) -> dict[str, str]:
+def tool_versions(target: str | None = None) -> dict[str, str]:
+    """Installed versions of the core tools and of the target's toolchain."""
+    from nima_edge.targets import TARGETS
     out = {}
-    for name in names:
+    for name in CORE_TOOLS + (TARGETS[target].distributions if target in TARGETS else ()):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -55,13 +57,16 @@ def describe_files(artifact: Path, name: str | None = None) -> list[dict]:
 
 def build_manifest(artifact: str | Path, target: str, quant: str, source_ckpt: str | Path, name: str | None = None,
                    **extra) -> dict:
-    from nima_edge.checkpoint import checkpoint_hash  # late: checkpoint imports torch
+    from nima_edge.checkpoint import checkpoint_hash, read_meta  # late: checkpoint imports torch
+    train_config = read_meta(source_ckpt).get("training", {}).get("train_config", {})
     return {
         "target": target,
         "quant": quant,
         "source": {"checkpoint": str(Path(source_ckpt).resolve()), "sha256": checkpoint_hash(source_ckpt)},
+        # the window the model was trained on (None: not trained by nima-edge); positions past it are untrained
+        "trained_context": train_config.get("context"),
         "files": describe_files(Path(artifact), name),
-        "tools": tool_versions(),
+        "tools": tool_versions(target),
         **extra,
     }
 
