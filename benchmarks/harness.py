@@ -26,6 +26,7 @@ from nima_edge.errors import NimaError
 PROMPT_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak. All: Speak, speak. "
                "You are all resolved rather to die than to famish?")
 PROFILE_DIR = Path(__file__).parent / "profiles"
+DEVICE_KEYS = {"dram_read_gbs", "cache_read_gbs", "cache_bytes", "gemm_gflops", "citation"}
 
 
 @dataclass
@@ -40,6 +41,19 @@ class Profile:
     runs: int = 7
     warmup: int = 2
     regression_threshold: float = 0.10  # flag a median slower than baseline by more than this fraction
+    peer_ratio_limit: float = 1.15    # --compare-peers: ours may be at most this many times the peer tool's time
+    device: dict | None = None        # published figures for projections elsewhere (benchmarks/roofline.py)
+
+    def projects_here(self) -> bool:
+        """A device profile run on another kind of machine (x86) projects; it never claims to measure.
+        Both device profiles are arm64, so an arm64 host runs them for real."""
+        import platform
+        return self.device is not None and platform.machine().lower() not in ("aarch64", "arm64")
+
+    def host_threads(self) -> int:
+        """Threads to time with here: the profile's, but no more than this machine's cores when projecting."""
+        return min(self.threads, os.cpu_count() or 1) if self.projects_here() else self.threads
+    timeout_s: float = 600.0          # an artifact still running after this long is marked timed out
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -61,14 +75,21 @@ def load_profile(name_or_path: str | Path) -> Profile:
     profile = Profile(**raw)
     if profile.runs < 1 or profile.new_tokens < 1 or profile.prompt_tokens < 1 or profile.budget_ms <= 0:
         raise NimaError(f"{path}: runs, new_tokens, prompt_tokens and budget_ms must be positive", "fix the profile")
+    from nima_edge import targets
+    if unknown := [t for t in profile.targets if t not in targets.TARGETS]:
+        raise NimaError(f"{path}: unknown targets {unknown}", f"targets are: {', '.join(targets.TARGETS)}")
+    if profile.device is not None and (missing := DEVICE_KEYS - set(profile.device)):
+        raise NimaError(f"{path}: [device] lacks {sorted(missing)}", f"a [device] table gives {', '.join(sorted(DEVICE_KEYS))}")
     return profile
 
 
 def time_artifact(path: str, target: str | None, threads: int, prompt_tokens: int, new_tokens: int,
                   runs: int, warmup: int) -> dict:
     """Run in the child process: load, warm up, time; returns one result row."""
-    from nima_edge.manifest import describe_files
+    from nima_edge.manifest import check_files, describe_files, manifest_path
     from nima_edge.runtimes import detect_target, load_runtime
+    if manifest_path(path).is_file():
+        check_files(path)  # time the files that were exported and verified, or say they changed
     target = target or detect_target(path)
     t0 = time.perf_counter()
     rt = load_runtime(path, target, threads=threads)
@@ -113,11 +134,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # other OSes: best effort
 
 
-def bench_in_subprocess(path: Path, profile: Profile, target: str | None = None, timeout: float = 600) -> dict:
+def bench_in_subprocess(path: Path, profile: Profile, target: str | None = None, timeout: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "nima_edge.benchmarks.harness", str(path), "--threads", str(profile.threads),
            "--prompt-tokens", str(profile.prompt_tokens), "--new-tokens", str(profile.new_tokens),
            "--runs", str(profile.runs), "--warmup", str(profile.warmup)] + (["--target", target] if target else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    timeout = profile.timeout_s if timeout is None else timeout
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hung artifact is a result, not the end of the bench
+        return {"artifact": str(path), "name": Path(path).name, "target": target, "timed_out": True,
+                "error": f"timed out after {timeout:g} s (the profile's timeout_s)"}
     if proc.returncode != 0:
         return {"artifact": str(path), "name": Path(path).name, "target": target,
                 "error": (proc.stderr.strip() or f"exit code {proc.returncode}")[-800:]}
@@ -159,8 +185,8 @@ def markdown_table(results: list[dict], profile: Profile) -> str:
 
 
 def chart(results: list[dict], profile: Profile, out_png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
+    from nima_edge.errors import require
+    require("matplotlib", "train", "the bench chart (bench.png)").use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in results if "error" not in r]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
@@ -186,29 +212,96 @@ def machine_info() -> dict:
             "load_avg_1m": os.getloadavg()[0]}
 
 
+def merge_rounds(rows: list[dict]) -> dict:
+    """One row from several interleaved rounds of the same artifact: all runs pooled."""
+    ok = [r for r in rows if "error" not in r]
+    if len(ok) < len(rows):
+        return next(r for r in rows if "error" in r)
+    row = dict(ok[0])
+    for key in ("gen_ms_runs", "ttft_ms_runs"):
+        row[key] = [t for r in ok for t in r.get(key, [])]
+    row["gen_ms_median"] = statistics.median(row["gen_ms_runs"])
+    row["gen_ms_p90"] = float(np.percentile(row["gen_ms_runs"], 90))
+    row["ttft_ms_median"] = statistics.median(r["ttft_ms_median"] for r in ok)
+    row["tokens_per_s"] = row["tokens_per_s"] * ok[0]["gen_ms_median"] / row["gen_ms_median"]
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    row["rounds"] = len(ok)
+    return row
+
+
+def time_with_peer(path: Path, profile: Profile, rounds: int) -> dict:
+    """Ours and the runtime's own tool, alternated `rounds` times, so that load from other processes
+    falls on both alike; the row carries both and their ratio."""
+    from nima_edge.benchmarks.peers import time_peer
+    from nima_edge.runtimes import detect_target
+    ours, peer = [], []
+    for _ in range(rounds):
+        ours.append(bench_in_subprocess(path, profile))
+        if "error" in ours[-1]:
+            break
+        peer.append(time_peer(path, ours[-1]["target"] or detect_target(path), profile.host_threads(),
+                              profile.prompt_tokens, profile.new_tokens, profile.runs, profile.warmup))
+        if "peer_error" in peer[-1]:
+            break
+    row = merge_rounds(ours)
+    if "error" in row:
+        return row
+    if failed := [p for p in peer if "peer_error" in p]:
+        row["peer_error"] = failed[0]["peer_error"]
+        return row
+    row.update({k: v for k, v in peer[0].items() if k != "peer_ms_runs"})
+    row["peer_ms_runs"] = [t for p in peer for t in p["peer_ms_runs"]]
+    row["peer_ms_median"] = statistics.median(row["peer_ms_runs"])
+    row["peer_ratio"] = row["gen_ms_median"] / row["peer_ms_median"]
+    return row
+
+
 def run_bench(artifacts: list[Path], profile: Profile, out_dir: Path, baseline: Path | None = None,
-              progress=None) -> dict:
+              progress=None, compare_peers: bool = False, rounds: int = 2) -> dict:
+    """Time every artifact (with its peer tool, interleaved, when compare_peers), put each against this
+    machine's floor, and, for a device profile on another machine, project to the device."""
     from nima_edge.atomic import write_text
+    from nima_edge.benchmarks import roofline
     from nima_edge.manifest import manifest_path, update_manifest
     base = json.loads(baseline.read_text()) if baseline else None
     if missing := [str(p) for p in artifacts if not Path(p).exists()]:  # before minutes of timing, not after
         raise NimaError(f"artifact(s) {', '.join(missing)} do not exist", "pass paths written by nima-edge export")
+    from nima_edge.runtimes import detect_target
+    if foreign := [f"{p} ({t})" for p in artifacts if (t := detect_target(p)) not in profile.targets]:
+        raise NimaError(f"profile {profile.name} does not run {', '.join(foreign)}",
+                        f"it runs {', '.join(profile.targets)}; pick a profile that lists the target")
+    here = roofline.measure_machine(profile.host_threads())  # once per run, before the load we add
     results = []
     for path in artifacts:
-        row = bench_in_subprocess(Path(path), profile)
+        row = time_with_peer(Path(path), profile, rounds) if compare_peers else bench_in_subprocess(Path(path), profile)
         results.append(row)
         if progress:
             progress(row)
     judge(results, profile, base)
-    report = {"profile": asdict(profile), "machine": machine_info(), "results": results}
+    roofline.attach_floors(results, here, profile.prompt_tokens, profile.new_tokens)
+    roofline.attach_predictions(results, profile.prompt_tokens, profile.new_tokens)
+    device = roofline.profile_machine(profile.device, profile.threads) if profile.projects_here() else None
+    if device is not None:
+        roofline.attach_projections(results, here, device, profile.prompt_tokens, profile.new_tokens,
+                                    profile.budget_ms)
+    if compare_peers:
+        for r in results:
+            if "peer_ratio" in r:
+                r["peer_ok"] = r["peer_ratio"] <= profile.peer_ratio_limit
+    info = {**machine_info(), "roofline": asdict(here), "load_avg_1m_after": os.getloadavg()[0]}
+    report = {"profile": asdict(profile), "machine": info, "results": results,
+              "projection": asdict(device) if device else None}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "bench.json", json.dumps(report, indent=2) + "\n")
-    write_text(out_dir / "bench.md", markdown_table(results, profile))
+    md = markdown_table(results, profile) if device is None else roofline.projection_table(results, profile, device)
+    write_text(out_dir / "bench.md", md + "\n" + roofline.floor_table(results, profile, here, compare_peers))
     chart(results, profile, out_dir / "bench.png")
-    for r in results:
-        if "error" not in r and manifest_path(r["artifact"]).is_file():
-            update_manifest(r["artifact"], "bench", {k: v for k, v in r.items() if k != "artifact"})
-    report["passed"] = all(r["within_budget"] and not r.get("regression") for r in results)
+    if device is None:  # a projection is not a measurement of the artifact on this profile's hardware
+        for r in results:
+            if "error" not in r and manifest_path(r["artifact"]).is_file():
+                update_manifest(r["artifact"], "bench", {k: v for k, v in r.items() if k != "artifact"})
+    verdict = "projected_within_budget" if device is not None else "within_budget"
+    report["passed"] = all(r.get(verdict) and not r.get("regression") and r.get("peer_ok", True) for r in results)
     return report
 
 
