@@ -79,9 +79,16 @@ class LlamaCppRuntime(Runtime):
     target = "gguf"
 
     def __init__(self, path: str | Path, threads: int | None = None, kv_type: str | None = None,
-                 context_length: int | None = None):
+                 context_length: int | None = None, lora: str | Path | None = None):
+        """`lora`: a LoRA adapter GGUF (export --target gguf --lora) applied on top of this base model."""
         super().__init__()
         meta = read_metadata(path)
+        if meta.get("general.type") == "adapter":
+            raise NimaError(f"{path} is a LoRA adapter, not a model",
+                            "load the base model's GGUF with it: load_runtime(BASE.gguf, lora=ADAPTER.gguf)")
+        if lora is not None and read_metadata(lora).get("general.type") != "adapter":
+            raise NimaError(f"{lora} is not a LoRA adapter GGUF (general.type is not 'adapter')",
+                            "write one with: nima-edge export BASE --target gguf --lora RUN/adapter --out adapter.gguf")
         if TOKENIZER_JSON_KEY not in meta:
             raise NimaError(f"{path} was not written by nima-edge (no {TOKENIZER_JSON_KEY})",
                             f"bring it in first: nima-edge import {path} --out CKPT, then nima-edge export CKPT "
@@ -99,7 +106,8 @@ class LlamaCppRuntime(Runtime):
                 self.llm = llama_cpp.Llama(
                     model_path=str(path), n_ctx=self.context_length, n_batch=self.context_length,
                     n_ubatch=self.context_length, n_threads=self.threads, n_threads_batch=self.threads,
-                    logits_all=True, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=False)
+                    logits_all=True, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=False,
+                    lora_path=str(lora) if lora is not None else None)
         except ValueError as e:
             raise NimaError(f"llama.cpp could not load {path}: {e}",
                             "re-export it with nima-edge export --target gguf") from e

@@ -314,3 +314,26 @@ def test_qat_gguf_q4_0_is_the_result(qat_run, tmp_path):
     assert torch.equal(unpack_gguf(np.asarray(data), 4, q.shape).codes, q.codes[order])
     down = result["model.layers.2.mlp.down_proj.weight"]
     assert torch.equal(unpack_gguf(np.asarray(tensors["blk.2.ffn_down.weight"].data), 4, down.shape).codes, down.codes)
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+def cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "nima_edge", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_finetune_then_quantize_qat(tiny_ckpt, chat_file, qat_run, tmp_path):
+    bad = cli("finetune", tiny_ckpt, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "x")
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli("finetune", tiny_ckpt, "--data", chat_file, "--out", tmp_path / "x", "--qat", "int4-g32")
+    assert bad.returncode == 2 and "--full" in bad.stderr
+    run = cli("finetune", tiny_ckpt, "--data", chat_file, "--out", tmp_path / "ft", "--steps", 2, "--context", 64,
+              "--batch-size", 4, "--eval-every", 2, "--lora-rank", 2, "--threads", 1)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file() and "adapter" in run.stdout
+    q = cli("quantize", qat_run, "--method", "qat", "--out", tmp_path / "q4")
+    assert q.returncode == 0, q.stderr
+    assert "4-bit qat, group 32" in q.stdout
