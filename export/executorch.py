@@ -22,10 +22,11 @@ import torch
 
 from nima_edge import checkpoint
 from nima_edge.atomic import atomic_dir
+from nima_edge.config import check_context
 from nima_edge.errors import NimaError
 from nima_edge.manifest import write_manifest
+from nima_edge.runtimes.executorch_format import PTE_NAME
 
-PTE_NAME = "model.pte"
 QUANTS = ("fp32", "8da4w", "8da8w")
 ALIASES = {"f32": "fp32"}  # the CLI's generic default name
 
@@ -72,7 +73,9 @@ def lower(module: torch.nn.Module, max_context: int, constant_methods: dict):
     ))
 
 
-def export(ckpt: Path, out: Path, quant: str, group_size: int | None = None, log=print, **_) -> Path:
+def export(ckpt: Path, out: Path, quant: str, group_size: int | None = None, log=print, context: int | None = None,
+           **_) -> Path:
+    """`context`: the KV cache's positions (default: the declared context capped at 2048)."""
     from nima_edge.export.executorch_model import ExecuTorchLlama, load_custom_ops
 
     quant = ALIASES.get(quant, quant)
@@ -89,7 +92,7 @@ def export(ckpt: Path, out: Path, quant: str, group_size: int | None = None, log
         from nima_edge.export.executorch_quant import quantize_for_xnnpack
         log(f"quantizing linears ({quant}) with torchao")
         info = quantize_for_xnnpack(model, ckpt, quant, group_size)
-    max_context = model.config.max_position_embeddings
+    max_context = check_context(model.config, context)
     module = ExecuTorchLlama(model, max_context).eval()
     log("exporting and lowering to XNNPACK")
     program = lower(module, max_context, metadata(model, tok, max_context))
@@ -99,9 +102,9 @@ def export(ckpt: Path, out: Path, quant: str, group_size: int | None = None, log
         tok.save(tmp / "tokenizer.json")
         for name, content in tok.config_files(max_context).items():  # special tokens, end ids, chat template
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-    num_bos = int(tok.adds_bos)
-    write_manifest(out, "executorch", quant, ckpt, model_file=PTE_NAME, backend="xnnpack",
-                   max_context=max_context, runner={"num_bos": num_bos, "note": f"pass num_bos={num_bos}: BOS is "
-                                                    "not added by the tokenizer's post-processor in the runner"},
-                   quantization=info)
+        num_bos = int(tok.adds_bos)
+        write_manifest(tmp, "executorch", quant, ckpt, model_file=PTE_NAME, backend="xnnpack",  # inside the swap
+                       max_context=max_context, runner={"num_bos": num_bos, "note": f"pass num_bos={num_bos}: BOS "
+                                                        "is not added by the tokenizer's post-processor in the runner"},
+                       quantization=info)
     return Path(out)

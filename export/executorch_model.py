@@ -1,17 +1,20 @@
-"""The export-time module for ExecuTorch: our weights, a static KV cache and ExecuTorch's LLM custom ops.
+"""The export-time module for ExecuTorch: the model's own forward with ExecuTorch's LLM custom ops swapped in.
 
-It mirrors ExecuTorch's own Llama export (examples/models/llama: CustomKVCache + SDPACustom) so the
-`.pte` has the interface the stock LLM runner drives: `forward(tokens[1, T], input_pos[1]) ->
-logits[1, vocab]` of the last position, with the KV cache held in mutable buffers. The submodules
-(projections, norms, MLPs, embeddings) are the checkpoint's own, so weights are shared, not copied,
-and torchao quantization of them shows up in the export unchanged.
+As ExecuTorch's own Llama export does it (examples/models/llama source_transformation: CustomKVCache +
+SDPACustom), nothing of the forward pass is re-written here: the model's two seams get
+- a static KV cache in mutable buffers, [1, max_context, kv_heads, head_dim], written by llama::update_cache;
+- llama::custom_sdpa as the attention kernel (causal from the start position; grouped-query heads inside
+  the op, no repeat_kv copy).
+The `.pte` then has the interface the stock LLM runner drives: `forward(tokens[1, T], input_pos[1]) ->
+logits[1, vocab]` of the last position. The checkpoint's submodules are used as they are, so weights are
+shared, not copied, and torchao quantization of them shows up in the export unchanged.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from nima_edge.model import NimaForCausalLM, apply_rope
+from nima_edge.model import NimaForCausalLM
 
 
 def load_custom_ops() -> None:
@@ -27,67 +30,57 @@ def _start(input_pos: torch.Tensor, seq_len: int, max_context: int) -> int:
     return start
 
 
-class CachedAttention(nn.Module):
-    """Attention over a static [1, max_context, kv_heads, head_dim] cache (the custom ops' layout)."""
+class CustomKVCache(nn.Module):
+    """The KV-cache seam: llama::update_cache into [1, max_context, kv_heads, head_dim] buffers (the custom
+    ops' layout); returns the whole buffers in the model's [B, heads, S, D] view."""
 
-    def __init__(self, attn: nn.Module, max_context: int):
+    def __init__(self, kv_heads: int, head_dim: int, max_context: int):
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.n_heads, self.n_kv, self.hd = attn.n_heads, attn.n_kv, attn.hd
-        self.max_context = max_context
-        shape = (1, max_context, self.n_kv, self.hd)
+        shape = (1, max_context, kv_heads, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start) -> torch.Tensor:
-        B, T, _ = x.shape
-        # [B, T, heads, hd]: the custom ops take the sequence on dim 1; RoPE broadcasts over heads.
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.hd), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd), cos, sin)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
-        torch.ops.llama.update_cache(k, self.k_cache, start)
-        torch.ops.llama.update_cache(v, self.v_cache, start)
-        # Causal from `start`; grouped-query heads are handled inside the op (no repeat_kv copy).
-        y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True)
-        return self.o_proj(y.view(B, T, self.n_heads * self.hd))
+    def update(self, start, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.ops.llama.update_cache(k.transpose(1, 2), self.k_cache, start)
+        torch.ops.llama.update_cache(v.transpose(1, 2), self.v_cache, start)
+        return self.k_cache.transpose(1, 2), self.v_cache.transpose(1, 2)
 
 
-class CachedLayer(nn.Module):
-    def __init__(self, layer: nn.Module, max_context: int):
+class CustomSDPA(nn.Module):
+    """The attention-kernel seam: llama::custom_sdpa over the cache buffers, causal from `start`."""
+
+    def __init__(self, n_heads: int, head_dim: int):
         super().__init__()
-        self.self_attn = CachedAttention(layer.self_attn, max_context)
-        self.mlp = layer.mlp
-        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self.width = n_heads * head_dim
 
-    def forward(self, x, cos, sin, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, q, k, v, mask, start) -> torch.Tensor:
+        B, _, T, _ = q.shape
+        y = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start, None, 0, True)
+        return y.reshape(B, T, self.width)
 
 
 class ExecuTorchLlama(nn.Module):
-    """forward(tokens [1, T] int64, input_pos [1] int64) -> float32 logits [1, vocab] of the last token."""
+    """forward(tokens [1, T] int64, input_pos [1] int64) -> float32 logits [1, vocab] of the last token.
+
+    Swaps the attention kernel of `model` in place (the model is the export's own copy)."""
 
     def __init__(self, model: NimaForCausalLM, max_context: int | None = None):
         super().__init__()
         cfg = model.config
         self.max_context = max_context or cfg.max_position_embeddings
-        self.embed_tokens, self.norm, self.lm_head = model.model.embed_tokens, model.model.norm, model.lm_head
-        self.layers = nn.ModuleList(CachedLayer(layer, self.max_context) for layer in model.model.layers)
-        # [positions, 1, hd]: broadcast over the heads dim of the [B, T, heads, hd] layout.
-        self.register_buffer("rope_cos", model.rope_cos[:self.max_context, None, :].clone(), persistent=False)
-        self.register_buffer("rope_sin", model.rope_sin[:self.max_context, None, :].clone(), persistent=False)
+        self.m = model.replace_sdpa(lambda attn: CustomSDPA(attn.n_heads, attn.hd))
+        self.caches = nn.ModuleList(CustomKVCache(cfg.num_key_value_heads, cfg.head_dim, self.max_context)
+                                    for _ in range(cfg.num_hidden_layers))
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         T = tokens.shape[1]
         start = _start(input_pos, T, self.max_context)
-        cos, sin = self.rope_cos.narrow(0, start, T), self.rope_sin.narrow(0, start, T)
-        x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin, start)
-        return self.lm_head(self.norm(x[:, -1, :]))
+        positions = (input_pos + torch.arange(T, device=tokens.device))[None]
+        h = self.m.hidden_states(tokens, positions, None, self.caches, start)
+        return self.m.lm_head(h[:, -1, :])
 
     @torch.no_grad()
     def reset_cache(self) -> None:
-        for layer in self.layers:
-            layer.self_attn.k_cache.zero_()
-            layer.self_attn.v_cache.zero_()
+        for cache in self.caches:
+            cache.k_cache.zero_()
+            cache.v_cache.zero_()

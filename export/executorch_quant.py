@@ -64,26 +64,29 @@ def _check_8da4w(result: dict) -> None:
 
 def quantize_for_xnnpack(model: NimaForCausalLM, ckpt: Path, quant: str, group_size: int | None = None) -> dict:
     """Quantize `model`'s decoder linears in place; return a description for the manifest."""
-    from nima_edge.quantization import apply_quant, check_params, load_quant, quantizable, rtn
+    from nima_edge.checkpoint import read_meta
+    from nima_edge.quantization import apply_quant, load_quant, quantizable, result_plan, rtn_model, substitutions
 
     linears = quantizable(model)
     result = load_quant(ckpt)
     if quant == "8da4w":
         if result is None:
             group_size = group_size or DEFAULT_GROUP
-            check_params(4, group_size)
-            result = {name: rtn(m.weight, 4, group_size) for name, m in linears.items()}
+            result = rtn_model(model, 4, group_size)
             source = f"rtn 4-bit group {group_size} on the fly (checkpoint carries no quantization result)"
         else:
             source = "the checkpoint's quantization result (codes exact; group scales fp16 -> bf16 in XNNPACK)"
+            group_size = read_meta(ckpt).get("quantization", {}).get("group_size")
         _check_8da4w(result)
+        plan = substitutions(result_plan(model, result), group_size)
         for name, q in result.items():
             _quantize_linear(linears[name], 4, q.group_size)
             _load_codes(linears[name], q)
         groups = sorted({q.group_size for q in result.values()})
         method = sorted({q.method for q in result.values()})
         return {"scheme": "8da4w", "weights": "int4 symmetric per group", "group_size": groups,
-                "method": method, "source": source, "activations": "int8 asymmetric per token (dynamic)"}
+                "method": method, "source": source, "activations": "int8 asymmetric per token (dynamic)",
+                "substitutions": plan, "float_linears": sorted(set(linears) - set(result))}
     if quant == "8da8w":
         if result is not None:
             apply_quant(model, result)  # our numbers, then the only int8 layout XNNPACK has

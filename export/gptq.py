@@ -108,17 +108,17 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symm
 
 
 @torch.no_grad()
-def gptq_model(model: NimaForCausalLM, calib: torch.Tensor, bits: int, group_size: int, symmetric: bool = True,
-               damp: float = 0.01, act_order: bool = False, batch_size: int = 8) -> dict[str, QuantizedWeight]:
-    """GPTQ every decoder linear of `model` on calibration windows `calib` [n, T] (token ids, BOS first).
+def gptq_model(model: NimaForCausalLM, calib: torch.Tensor, bits: int, plan: dict[str, int | None],
+               symmetric: bool = True, damp: float = 0.01, act_order: bool = False,
+               batch_size: int = 8) -> dict[str, QuantizedWeight]:
+    """GPTQ every decoder linear of `model` on calibration windows `calib` [n, T] (token ids, BOS first),
+    each with its group from `plan` (HF weight name -> group, None: left float; see group_plan).
 
     The model's linear weights are replaced by their dequantized values as it goes (that is what
     the next layer is calibrated on); the returned result is keyed by HF weight name.
     """
     model.eval()
-    T = calib.shape[1]
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    batches = [model.model.embed_tokens(calib[i:i + batch_size]) for i in range(0, len(calib), batch_size)]
+    batches = [model.embed(calib[i:i + batch_size]) for i in range(0, len(calib), batch_size)]
     result: dict[str, QuantizedWeight] = {}
     layers = model.model.layers
     with Progress(transient=True) as progress:
@@ -131,17 +131,19 @@ def gptq_model(model: NimaForCausalLM, calib: torch.Tensor, bits: int, group_siz
                          for n, m in modules.items()]
                 try:
                     for x in batches:
-                        layer(x, cos, sin, None, li, 0)
+                        model.forward_layer(li, x)
                 finally:
                     for h in hooks:
                         h.remove()
                 for n, m in modules.items():
                     progress.update(task, description=f"GPTQ layer {li} {n.split('.')[-1]}")
                     full = f"model.layers.{li}.{n}.weight"
-                    check_width(full, m.weight, group_size)
-                    q = gptq(m.weight, hessians[n].H, bits, group_size, symmetric, damp, act_order)
+                    if plan[full] is None:  # no supported group divides its width: it stays float
+                        progress.advance(task)
+                        continue
+                    q = gptq(m.weight, hessians[n].H, bits, plan[full], symmetric, damp, act_order)
                     m.weight.copy_(q.dequantize())
                     result[full] = q
                     progress.advance(task)
-            batches = [layer(x, cos, sin, None, li, 0) for x in batches]  # inputs of the next layer
+            batches = [model.forward_layer(li, x) for x in batches]  # inputs of the next layer
     return result

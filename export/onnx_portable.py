@@ -20,49 +20,50 @@ import torch.nn as nn
 from onnx import helper, numpy_helper, version_converter
 
 from nima_edge import checkpoint
-from nima_edge.atomic import write_bytes
+from nima_edge.atomic import temp_file
 from nima_edge.errors import NimaError
 from nima_edge.export.onnx_weights import blocked_dq_tensors, quant_result, set_nodes
-from nima_edge.quantization import QuantizedWeight, apply_quant
-from nima_edge.manifest import write_manifest
-from nima_edge.model import NimaForCausalLM, apply_rope
+from nima_edge.config import check_context
+from nima_edge.quantization import QuantizedWeight, apply_quant, result_plan, substitutions
+from nima_edge.manifest import publish_file
+from nima_edge.runtimes.onnx_portable_format import (META_CONFIG, META_QUANT, META_TOKENIZER, META_TOKENIZER_SETTINGS,
+                                                     io_names)
+from nima_edge.model import SDPA, NimaForCausalLM, repeat_kv
 
 TARGET = "onnx-portable"
 OPSET = 21  # blocked DequantizeLinear and int4 tensors need opset 21
 DEFAULT_GROUP = 128  # on-the-fly RTN: TensorRT's int4 weight-only block size
-META_TOKENIZER, META_CONFIG, META_QUANT = "nima.tokenizer", "nima.config", "nima.quant"
-META_TOKENIZER_SETTINGS = "nima.tokenizer.settings"  # Tokenizer.settings_json()
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+class PastPresent:
+    """The KV-cache seam as graph I/O: one layer's past keys/values in, present = concat(past, new) out."""
+
+    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor):
+        self.k, self.v = past_k, past_v
+
+    def update(self, input_pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class MaskedSDPA(SDPA):
+    """The attention-kernel seam for ONNX: matmul + softmax with a large negative fill, so a fully masked
+    (left-padded) query row stays finite; torch's SDPA gives NaN there, which the next layer spreads."""
+
+    def forward(self, q, k, v, mask, input_pos=None):
+        rep = self.n_heads // self.n_kv
+        k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+        scores = (q @ k.transpose(-1, -2)) * (self.head_dim ** -0.5)
+        probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=-1)
+        return self.merge_heads(probs @ v)
 
 
 class KVCacheLlama(nn.Module):
-    """The model with the cache as tensors in and out: present = concat(past, new) per layer."""
+    """The model's own forward with the cache as tensors in and out (PastPresent) and MaskedSDPA swapped in."""
 
     def __init__(self, model: NimaForCausalLM):
         super().__init__()
-        self.m = model
-        cfg = model.config
-        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-
-    def _attention(self, attn, x, cos, sin, past_k, past_v, mask):
-        B, T, _ = x.shape
-        q = attn.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k = attn.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        v = attn.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        rep = self.n_heads // self.n_kv
-        k_rep = k_all.repeat_interleave(rep, dim=1) if rep > 1 else k_all  # HF repeat_kv grouping
-        v_rep = v_all.repeat_interleave(rep, dim=1) if rep > 1 else v_all
-        scores = (q @ k_rep.transpose(-1, -2)) * (self.hd ** -0.5)
-        probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=-1)
-        y = (probs @ v_rep).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
-        return attn.o_proj(y), k_all, v_all
+        self.m = model.replace_sdpa(lambda attn: MaskedSDPA(attn.n_heads, attn.n_kv, attn.hd))
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         T = input_ids.shape[1]
@@ -71,17 +72,9 @@ class KVCacheLlama(nn.Module):
         slots = torch.arange(total, device=input_ids.device)
         causal = slots[None, :] <= (slots[total - T:])[:, None]
         mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
-        cos = self.m.rope_cos[position_ids].unsqueeze(1)
-        sin = self.m.rope_sin[position_ids].unsqueeze(1)
-        x = self.m.model.embed_tokens(input_ids)
-        present = []
-        for i, layer in enumerate(self.m.model.layers):
-            a, k, v = self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin,
-                                      past[2 * i], past[2 * i + 1], mask)
-            x = x + a
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            present += [k, v]
-        return (self.m.lm_head(self.m.model.norm(x)), *present)
+        caches = [PastPresent(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits = self.m.lm_head(self.m.hidden_states(input_ids, position_ids, mask, caches))
+        return (logits, *[t for c in caches for t in (c.k, c.v)])
 
 
 def _trace(model: NimaForCausalLM) -> onnx.ModelProto:
@@ -150,11 +143,16 @@ def insert_dequantize(proto: onnx.ModelProto, qweights: dict[str, QuantizedWeigh
     set_nodes(graph, nodes)
 
 
-def build(ckpt: Path, quant: str, group_size: int = DEFAULT_GROUP) -> onnx.ModelProto:
-    """The checked ModelProto for `ckpt` at `quant` (f32 | int8 | int4)."""
+def build(ckpt: Path, quant: str, group_size: int = DEFAULT_GROUP,
+          context: int | None = None) -> tuple[onnx.ModelProto, dict]:
+    """The checked ModelProto for `ckpt` at `quant` (f32 | int8 | int4), and what its manifest records
+    (the context and the quantization plan's substitutions)."""
     model, tok = checkpoint.load(ckpt)
+    info = {"max_context": check_context(model.config, context)}
     qweights = quant_result(ckpt, model, quant, TARGET, group_size)
     if qweights:
+        requested = checkpoint.read_meta(ckpt).get("quantization", {}).get("group_size", group_size)
+        info["substitutions"] = substitutions(result_plan(model, qweights), requested)
         apply_quant(model, qweights)  # the traced graph then holds exactly dequantize().T per linear
     proto = _trace(model)
     if qweights:
@@ -165,16 +163,19 @@ def build(ckpt: Path, quant: str, group_size: int = DEFAULT_GROUP) -> onnx.Model
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     proto.producer_name = "nima-edge"
     onnx.checker.check_model(proto, full_check=True)
-    return proto
+    return proto, info
 
 
-def export(ckpt: Path, out: Path, quant: str = "f32", group_size: int = DEFAULT_GROUP) -> Path:
+def export(ckpt: Path, out: Path, quant: str = "f32", group_size: int = DEFAULT_GROUP, context: int | None = None,
+           **_) -> Path:
+    """`context`: the longest sequence the artifact is meant for (default: the declared context capped at
+    2048); the graph itself takes any past length, so it is recorded, not baked in."""
     if out.suffix != ".onnx":
         raise NimaError(f"--out {out} does not end in .onnx", "name the portable artifact like model.onnx")
-    proto = build(ckpt, quant, group_size)
-    write_bytes(out, proto.SerializeToString())
-    write_manifest(out, TARGET, quant, ckpt, opset=OPSET,
-                   weights=_weights_summary(proto))
+    proto, info = build(ckpt, quant, group_size, context)
+    with temp_file(out) as tmp:  # the artifact and its manifest are swapped in together
+        tmp.write_bytes(proto.SerializeToString())
+        publish_file(tmp, out, TARGET, quant, ckpt, opset=OPSET, weights=_weights_summary(proto), **info)
     return out
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from nima_edge.errors import NimaError
-from nima_edge.quantization import QuantizedWeight, load_quant, quantizable, rtn
+from nima_edge.quantization import QuantizedWeight, load_quant, rtn_model
 from nima_edge.model import NimaForCausalLM
 
 QUANTS = {"f32": None, "int8": 8, "int4": 4}
@@ -28,13 +28,14 @@ def check_quant(quant: str, target: str) -> int | None:
 
 def quant_result(ckpt: Path, model: NimaForCausalLM, quant: str, target: str,
                  default_group: int) -> dict[str, QuantizedWeight] | None:
-    """The result to pack for `quant` (None for f32): the checkpoint's, else RTN (symmetric, default_group)."""
+    """The result to pack for `quant` (None for f32): the checkpoint's, else RTN (symmetric, default_group
+    along the group plan: a width it does not divide gets a smaller group or stays float)."""
     bits = check_quant(quant, target)
     if bits is None:
         return None
     result = load_quant(ckpt)
     if result is None:
-        return {name: rtn(m.weight, bits, default_group) for name, m in quantizable(model).items()}
+        return rtn_model(model, bits, default_group)
     found = {q.bits for q in result.values()}
     if found != {bits}:
         raise NimaError(f"{ckpt} holds a {'/'.join(map(str, sorted(found)))}-bit quantization result, "

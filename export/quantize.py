@@ -16,7 +16,8 @@ from nima_edge import checkpoint
 from nima_edge.errors import NimaError
 from nima_edge.export.gptq import gptq_model
 from nima_edge.model import NimaForCausalLM
-from nima_edge.quantization import QuantizedWeight, apply_quant, check_params, check_width, quantizable, rtn
+from nima_edge.quantization import (QuantizedWeight, apply_quant, check_params, describe_substitutions, group_plan,
+                                    rtn_model, substitutions)
 
 
 @contextlib.contextmanager
@@ -47,17 +48,16 @@ def calibration_windows(data, samples: int, length: int, seed: int = 0) -> torch
 def quantize_model(model: NimaForCausalLM, method: str, bits: int, group_size: int, symmetric: bool = True,
                    calib: torch.Tensor | None = None, damp: float = 0.01,
                    act_order: bool = False) -> dict[str, QuantizedWeight]:
-    """Quantize every decoder linear; the model's weights become their dequantized values."""
+    """Quantize every decoder linear along the group plan (nima_edge/quantization.py group_plan: a width the
+    group does not divide gets a smaller group, or stays float); the model's weights become their
+    dequantized values."""
     check_params(bits, group_size, method)
-    linears = quantizable(model)
-    for name, m in linears.items():
-        check_width(name, m.weight, group_size)
     with single_thread():
         if method == "gptq":
             if calib is None:
                 raise NimaError("GPTQ needs calibration text", "pass --data DIR (a prepared data directory)")
-            return gptq_model(model, calib, bits, group_size, symmetric, damp, act_order)
-        result = {name: rtn(m.weight, bits, group_size, symmetric) for name, m in linears.items()}
+            return gptq_model(model, calib, bits, group_plan(model, group_size), symmetric, damp, act_order)
+        result = rtn_model(model, bits, group_size, symmetric)
         apply_quant(model, result)
     return result
 
@@ -65,8 +65,9 @@ def quantize_model(model: NimaForCausalLM, method: str, bits: int, group_size: i
 def quantize_checkpoint(ckpt: str | Path, out: str | Path, bits: int = 4, group_size: int = 32,
                         method: str = "gptq", data_dir: str | Path | None = None, symmetric: bool = True,
                         samples: int = 64, length: int = 256, damp: float = 0.01, act_order: bool = False,
-                        seed: int = 0) -> Path:
-    """Read a float checkpoint, quantize it, write `out`: the same float weights plus the result."""
+                        seed: int = 0, log=print) -> Path:
+    """Read a float checkpoint, quantize it, write `out`: the same float weights plus the result.
+    Tensors that do not get the requested group (see group_plan) are printed through `log` and recorded."""
     from nima_edge.data import TokenData
     check_params(bits, group_size, method)
     model, tok = checkpoint.load(ckpt)
@@ -88,6 +89,10 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, bits: int = 4, group_
         calib = calibration_windows(data, samples, length, seed)
         info.update(calibration={"data": str(data_dir), "samples": samples, "length": length, "seed": seed,
                                  "damp": damp, "act_order": act_order})
+    subs = substitutions(group_plan(model, group_size), group_size)
+    info.update(group_size=group_size, substitutions=subs)  # the requested group; each layer has its own
+    for line in describe_substitutions(subs):
+        log(f"quantization plan: {line}")
     float_sd = {k: v.clone() for k, v in model.state_dict().items()}
     result = quantize_model(model, method, bits, group_size, symmetric, calib, damp, act_order)
     model.load_state_dict(float_sd)  # the checkpoint keeps the float weights; the result rides beside them

@@ -77,7 +77,7 @@ def export(ckpt: Path, out: Path, quant: str = "f32", group_size: int = onnx_por
     trt = import_tensorrt()
     # The quantization core keeps every scale positive and symmetric int4 codes in -8..7 with no zero
     # point: exactly the DequantizeLinear form TensorRT accepts, so the portable graph is used as is.
-    proto = onnx_portable.build(ckpt, quant, group_size)
+    proto, _ = onnx_portable.build(ckpt, quant, group_size)
     model, tok = checkpoint.load(ckpt)
     cfg = model.config.to_hf()
     inputs, outputs = onnx_portable.io_names(cfg["num_hidden_layers"])

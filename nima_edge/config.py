@@ -1,10 +1,13 @@
 """Model configuration and the named presets.
 
 Field names follow Hugging Face's LlamaConfig so `config.json` is readable by transformers,
-llama.cpp's converter and ONNX Runtime GenAI's builder without translation.
+llama.cpp's converter and ONNX Runtime GenAI's builder without translation. Both layouts found in
+the wild are read: transformers 4 (`rope_theta`/`rope_scaling` at the top level) and transformers 5
+(`rope_parameters` holding the theta and the scaling); both are written, so either version reads ours.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from nima_edge.errors import NimaError
@@ -26,17 +29,26 @@ class ModelConfig:
     bos_token_id: int = 0
     eos_token_id: int = 1
     pad_token_id: int = 2
+    head_dim: int | None = None  # None: hidden_size / num_attention_heads (HF's default)
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}; None: plain RoPE
+    attention_bias: bool = False  # q/k/v/o projections carry biases
+    mlp_bias: bool = False  # gate/up/down projections carry biases
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def __post_init__(self):
+        h, n = self.hidden_size, self.num_attention_heads  # (types are checked in validate)
+        if self.head_dim is None and type(h) is int and type(n) is int and n > 0 and h % n == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
 
     def validate(self) -> "ModelConfig":
-        if self.hidden_size % self.num_attention_heads:
+        self._check_types()
+        if self.head_dim is None:
             raise NimaError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
-                "pick a head count that divides the width",
+                "pick a head count that divides the width, or give head_dim explicitly",
             )
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise NimaError(f"config head_dim is {self.head_dim!r}; it must be a positive whole number",
+                            "fix config.json")
         if self.num_attention_heads % self.num_key_value_heads:
             raise NimaError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
@@ -45,7 +57,23 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise NimaError(f"head_dim {self.head_dim} is odd", "RoPE rotates pairs; use an even head_dim")
+        self.rope_scaling = check_rope_scaling(self.rope_scaling)
         return self
+
+    def _check_types(self) -> None:
+        """Sizes are positive whole numbers and eps/theta positive finite numbers (a hand-edited
+        config.json must fail here with its field named, not as a shape error deep in torch)."""
+        for name in _SIZES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise NimaError(f"config {name} is {value!r} ({type(value).__name__}); it must be a whole number",
+                                "fix config.json (sizes are JSON integers)")
+            if value <= 0:
+                raise NimaError(f"config {name} is {value}; it must be positive", "fix config.json")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise NimaError(f"config {name} is {value!r}; it must be a positive number", "fix config.json")
 
     def to_hf(self) -> dict:
         """The `config.json` of a LlamaForCausalLM."""
@@ -62,10 +90,11 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": None,
+            "rope_scaling": self.rope_scaling,
+            "rope_parameters": {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta},
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
             "attention_dropout": 0.0,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
@@ -77,21 +106,87 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise NimaError(f"config.json holds a {type(d).__name__}, not an object of model settings",
+                            "use a Hugging Face LlamaForCausalLM config.json")
         if d.get("model_type", "llama") != "llama":
             raise NimaError(
                 f"config.json has model_type {d.get('model_type')!r}; nima-edge handles only the llama family",
                 "export a LlamaForCausalLM checkpoint",
             )
+        if d.get("hidden_act", "silu") != "silu":
+            raise NimaError(f"config.json has hidden_act {d['hidden_act']!r}; Llama's MLP is SwiGLU (silu)",
+                            "import a LlamaForCausalLM with hidden_act silu")
+        if d.get("partial_rotary_factor", 1.0) != 1.0:
+            raise NimaError(f"config.json rotates {d['partial_rotary_factor']} of each head; nima-edge rotates "
+                            "all of it", "import a Llama model with full rotary embeddings")
+        d = {**d, **rope_fields(d)}
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if d.get("head_dim") not in (None, cfg.head_dim):
-            raise NimaError(f"config.json head_dim {d['head_dim']} != hidden_size/num_attention_heads",
-                            "nima models use head_dim = hidden_size / num_attention_heads")
+        cfg._check_types()  # before anything divides by a head count
         return cfg.validate()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_fields(d: dict) -> dict:
+    """rope_theta and rope_scaling from either layout: transformers 5's `rope_parameters` (which wins when
+    both are present, as in transformers 5) or transformers 4's top-level keys."""
+    params = d.get("rope_parameters")
+    if not isinstance(params, dict) or not params:
+        return {}
+    out = {"rope_scaling": None if params.get("rope_type", params.get("type", "default")) == "default" else params}
+    if "rope_theta" in params:
+        out["rope_theta"] = params["rope_theta"]
+    return out
+
+
+def check_rope_scaling(scaling) -> dict | None:
+    """The scaling normalised to {"rope_type", *its parameters}; llama3 and linear only, others refused."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise NimaError(f"config rope_scaling is {scaling!r}, not an object", "fix config.json")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ROPE_SCALING_KEYS:
+        raise NimaError(f"rope_scaling of type {kind!r} is not supported",
+                        f"nima-edge runs plain RoPE and the {' and '.join(ROPE_SCALING_KEYS)} scalings; "
+                        "import a model that uses one of them")
+    out = {"rope_type": kind}
+    for key in ROPE_SCALING_KEYS[kind]:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise NimaError(f"rope_scaling {kind} needs a positive number {key}, got {value!r}", "fix config.json")
+        out[key] = value
+    if kind == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise NimaError("rope_scaling llama3 needs high_freq_factor > low_freq_factor", "fix config.json")
+    return out
+
+
+DEFAULT_CONTEXT_CAP = 2048
+
+
+def check_context(cfg: ModelConfig, context: int | None) -> int:
+    """The context an export sizes its KV cache for: `context` when given (1 .. max_position_embeddings),
+    else the declared context capped at DEFAULT_CONTEXT_CAP, so a 128K-position model does not get a
+    128K-slot cache by default."""
+    if context is None:
+        return min(cfg.max_position_embeddings, DEFAULT_CONTEXT_CAP)
+    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= cfg.max_position_embeddings:
+        raise NimaError(f"context {context!r} is outside 1 .. {cfg.max_position_embeddings} (the model's "
+                        "max_position_embeddings)", f"pass --context between 1 and {cfg.max_position_embeddings}")
+    return context
+
+
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "max_position_embeddings")
 
 # Widths are multiples of 128 (GGUF Q4_0/Q8_0 and ONNX int4 need 32, the block-128 DequantizeLinear
 # of the portable ONNX needs 128) and, for 5m/10m, of 256 (llama.cpp K-quant super-blocks).

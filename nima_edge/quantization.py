@@ -13,6 +13,9 @@ Conventions (the contract with the exporters):
            element is negative (it lands on code 0), absmax / 7 when it is positive (code 15).
     8-bit (Q8_0, qs * d): scale = absmax / 127, zero = 128, codes 1..255 (qs = code - 128 in -127..127).
 - Asymmetric: scale = (max - min) / (2**bits - 1) over a range that includes 0, zero = round(-min / scale).
+- Group plan: a tensor whose input width the requested group does not divide (SmolLM2's 576 with group
+  128) gets the largest supported group that divides it, else stays float; every substitution is listed
+  in quantization.json ("substitutions") and so reaches the exporters and manifests.
 - Every scale is positive (XNNPACK rejects others; an all-zero group gets scale 1) and rounded to
   fp16 BEFORE codes are computed, so fp16 containers reproduce the reference exactly.
 - Embeddings and lm_head stay float (not part of the result): for these small vocabularies they are a
@@ -131,6 +134,52 @@ def quantizable(model: NimaForCausalLM) -> dict[str, torch.nn.Linear]:
     """The decoder linears by HF weight name (embeddings and lm_head stay float; see the module doc)."""
     return {f"{name}.weight": m for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LINEAR_SUFFIXES}
+
+
+def choose_group(width: int, requested: int) -> int | None:
+    """The group for a tensor of input width `width`: the requested one when it divides the width, else the
+    largest supported smaller group that does, else None (the tensor stays float: GGUF blocks need 32)."""
+    for g in sorted((g for g in GROUP_SIZES if g <= requested), reverse=True):
+        if width % g == 0:
+            return g
+    return None
+
+
+def group_plan(model: NimaForCausalLM, requested: int) -> dict[str, int | None]:
+    """The group of every decoder linear by HF weight name (None: it stays float)."""
+    return {name: choose_group(m.in_features, requested) for name, m in quantizable(model).items()}
+
+
+def result_plan(model: NimaForCausalLM, result: dict[str, QuantizedWeight]) -> dict[str, int | None]:
+    """The group plan a result was made with (None: the tensor is not in it, so it stays float)."""
+    return {name: result[name].group_size if name in result else None for name in quantizable(model)}
+
+
+def substitutions(plan: dict[str, int | None], requested: int) -> list[dict]:
+    """The tensors the plan does not give the requested group, as recorded and reported."""
+    return [{"tensor": name, "requested_group": requested, "group": g,
+             "instead": f"group {g}" if g else "float (no supported group divides its width)"}
+            for name, g in sorted(plan.items()) if g != requested]
+
+
+def describe_substitutions(subs: list[dict]) -> list[str]:
+    """One line per kind of substitution, e.g. 'group 128 -> group 64: 20 tensors (q_proj, k_proj, ...)'."""
+    kinds: dict[tuple, list[str]] = {}
+    for s in sorted(subs, key=lambda s: -(s["group"] or 0)):  # smaller groups first, float last
+        kinds.setdefault((s["requested_group"], s["instead"]), []).append(s["tensor"])
+    lines = []
+    for (req, instead), names in kinds.items():
+        short = sorted({n.removesuffix(".weight").rsplit(".", 1)[-1] for n in names})
+        lines.append(f"group {req} -> {instead}: {len(names)} tensors ({', '.join(short)})")
+    return lines
+
+
+def rtn_model(model: NimaForCausalLM, bits: int, group_size: int, symmetric: bool = True) -> dict[str, QuantizedWeight]:
+    """Round-to-nearest of every decoder linear along the group plan (model unchanged): what exporters
+    use on an unquantized checkpoint."""
+    check_params(bits, group_size)
+    plan = group_plan(model, group_size)
+    return {name: rtn(m.weight, bits, plan[name], symmetric) for name, m in quantizable(model).items() if plan[name]}
 
 
 def result_files(qweights: dict[str, QuantizedWeight], info: dict | None = None) -> tuple[dict[str, bytes], dict]:

@@ -8,15 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 from nima_edge import checkpoint
+from nima_edge.checkpoint import fake_quant_model
 from nima_edge.config import ModelConfig
 from nima_edge.data import TokenData
 from nima_edge.errors import NimaError
 from nima_edge.evaluate import evaluate
 from nima_edge.export.gptq import Hessian, gptq
-from nima_edge.checkpoint import fake_quant_model
 from nima_edge.export.quantize import quantize_checkpoint, quantize_model
-from nima_edge.quantization import LINEAR_SUFFIXES, load_quant, rtn
 from nima_edge.model import NimaForCausalLM
+from nima_edge.quantization import (LINEAR_SUFFIXES, describe_substitutions, group_plan, load_quant, rtn,
+                                    substitutions)
 
 
 def correlated_layer(rows=128, cols=256, n=2048, seed=0):
@@ -95,15 +96,59 @@ def test_gptq_lazy_block_updates_do_not_change_the_result():
     assert (a.codes != b.codes).float().mean() < 1e-3  # equal up to float64 rounding at ties
 
 
-def test_widths_that_are_not_a_multiple_of_the_group_are_a_clear_error():
-    model = NimaForCausalLM(ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=160, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2))
-    with pytest.raises(NimaError, match="down_proj.weight has input width 160, not a multiple of the group size 64"):
-        quantize_model(model, "rtn", 4, 64)
+def plan_model() -> NimaForCausalLM:
+    """Widths no 128-group divides: 192 (q/k/v/o/gate/up inputs: group 64 does) and 80 (down_proj: no
+    supported group does, it stays float)."""
+    torch.manual_seed(0)
+    return NimaForCausalLM(ModelConfig(vocab_size=262, hidden_size=192, intermediate_size=80, num_hidden_layers=2,
+                                       num_attention_heads=3, num_key_value_heads=1))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_group_plan_substitutes_smaller_groups_or_float_per_tensor(method):
+    model = plan_model()
+    plan = group_plan(model, 128)
+    assert {n: g for n, g in plan.items() if "layers.0." in n} == {
+        f"model.layers.0.{n}.weight": g for n, g in [("self_attn.q_proj", 64), ("self_attn.k_proj", 64),
+                                                     ("self_attn.v_proj", 64), ("self_attn.o_proj", 64),
+                                                     ("mlp.gate_proj", 64), ("mlp.up_proj", 64), ("mlp.down_proj", None)]}
+    down = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    calib = torch.randint(0, 262, (4, 16)) if method == "gptq" else None
+    result = quantize_model(model, method, 4, 128, calib=calib)
+    assert {q.group_size for q in result.values()} == {64} and len(result) == 12  # 2 layers x 6 quantized
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, down)  # float, untouched
+    subs = substitutions(plan, 128)
+    assert len(subs) == 14 and {s["instead"] for s in subs} == {"group 64", "float (no supported group divides its width)"}
+    assert describe_substitutions(subs) == [
+        "group 128 -> group 64: 12 tensors (gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)",
+        "group 128 -> float (no supported group divides its width): 2 tensors (down_proj)"]
+
+
+def test_quantize_records_and_prints_the_plan(tmp_path):
+    from nima_edge.tokenizer import train_tokenizer
+    ckpt = checkpoint.save(tmp_path / "ck", plan_model(), train_tokenizer("char"))
+    lines = []
+    out = quantize_checkpoint(ckpt, tmp_path / "q", 4, 128, "rtn", log=lines.append)
+    assert lines == ["quantization plan: group 128 -> group 64: 12 tensors (gate_proj, k_proj, o_proj, q_proj, "
+                     "up_proj, v_proj)",
+                     "quantization plan: group 128 -> float (no supported group divides its width): 2 tensors "
+                     "(down_proj)"]
+    doc = json.loads((out / "quantization.json").read_text())
+    assert doc["group_size"] == 128 and len(doc["substitutions"]) == 14
+    assert doc["layers"]["model.layers.1.self_attn.q_proj.weight"]["group_size"] == 64
+    assert "model.layers.1.mlp.down_proj.weight" not in doc["layers"]
+    fq, _ = fake_quant_model(out)  # the float tensor stays float in the reference too
+    assert torch.equal(fq.model.layers[1].mlp.down_proj.weight, checkpoint.load(ckpt)[0].model.layers[1].mlp.down_proj.weight)
+
+
+def test_bad_quantization_parameters_are_a_clear_error():
+    model = plan_model()
     with pytest.raises(NimaError, match="group size 48 is not supported"):
         quantize_model(model, "rtn", 4, 48)
     with pytest.raises(NimaError, match="3-bit"):
         rtn(torch.zeros(4, 32), 3, 32)
+    with pytest.raises(NimaError, match="input width 80, not a multiple of the group size 32"):
+        rtn(torch.zeros(4, 80), 4, 32)
 
 
 @pytest.fixture(scope="module")
