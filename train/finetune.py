@@ -35,7 +35,6 @@ from safetensors.torch import save as save_safetensors
 
 from nima_edge import chat_data, checkpoint
 from nima_edge.config import PRESETS
-from nima_edge.data import TokenData
 from nima_edge.errors import NimaError
 from nima_edge.model import Attention, NimaForCausalLM
 from nima_edge.train import checkpointing, qat, recipe
