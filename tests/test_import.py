@@ -234,3 +234,22 @@ def test_missing_files_are_clear_errors(byo, tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 20)
     with pytest.raises(NimaError, match="not a readable GGUF"):
         import_model(tmp_path / "bad.gguf", tmp_path / "out2")
+
+
+def test_tokenizers_llama_cpp_would_split_differently_are_refused():
+    """A byte-level BPE whose pre-tokenizer matches none of llama.cpp's known ones is refused for GGUF
+    (rather than written with a pre-tokenizer that splits text differently), and so is a GGUF whose
+    pre-tokenizer name nima-edge cannot rebuild as a tokenizer.json."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from nima_edge.importer.gguf_vocab import to_gguf_vocab, tokenizer_from_gguf
+    from nima_edge.tokenizer import Tokenizer
+    hf = HFTokenizer(models.BPE(vocab={"a": 0, "b": 1, "<e>": 2}, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(NimaError, match="no pre-tokenizer known"):
+        to_gguf_vocab(Tokenizer(hf, {"eos_token": "<e>"}), 3)
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": ["a", "b"],
+            "tokenizer.ggml.merges": []}
+    with pytest.raises(NimaError, match="qwen2"):
+        tokenizer_from_gguf(meta)
