@@ -136,10 +136,10 @@ def to_gguf_vocab(tok, n_vocab: int) -> GGUFVocab:
             scores.append(-1000.0)
             continue
         tokens.append(text)
-        if text in added:
-            types.append(CONTROL if added[text].get("special") else USER_DEFINED)
-        elif kind == "llama" and text == model.get("unk_token"):
+        if kind == "llama" and text == model.get("unk_token"):  # as llama.cpp's converter types <unk>
             types.append(UNKNOWN)
+        elif text in added:
+            types.append(CONTROL if added[text].get("special") else USER_DEFINED)
         elif kind == "llama" and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             types.append(BYTE)
         else:
