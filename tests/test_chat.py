@@ -1,12 +1,7 @@
-"""nima-edge chat (conversation logic, and the real command in a pseudo-terminal) and nima-edge serve."""
+"""nima-edge chat: conversation logic, and the real command in a pseudo-terminal (serve: test_serve.py)."""
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -70,45 +65,3 @@ def test_chat_command_in_a_pseudo_terminal(model_gguf):
     finally:
         child.close()
     assert child.exitstatus == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
-
-
-def test_server_answers_a_chat_completion_on_loopback(model_gguf):
-    port = _free_port()
-    server = subprocess.Popen([str(NIMA_EDGE), "serve", str(model_gguf), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                models = json.loads(urllib.request.urlopen(f"{base}/models", timeout=2).read())
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "server did not come up in 90 s"
-                time.sleep(0.5)
-        assert models["data"][0]["id"] == "tiny"
-        answer = _post(f"{base}/chat/completions", {"messages": MESSAGES, "max_tokens": 20, "temperature": 0,
-                                                   "repeat_penalty": 1.0})  # the server defaults to 1.1
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    content = answer["choices"][0]["message"]["content"]
-    # the prompt is exactly our template (one BOS), and greedy output equals our own chat's reply
-    rt = LlamaCppRuntime(model_gguf)
-    assert answer["usage"]["prompt_tokens"] == len(rt.tokenize(render(MESSAGES), add_bos=False))
-    convo = Conversation(rt, system="Be brief.", max_new_tokens=20, sampling=Sampling())
-    assert content == "".join(convo.reply("Good morrow"))
-    rt.close()

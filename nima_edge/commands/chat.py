@@ -1,4 +1,4 @@
-"""nima-edge chat (a streaming terminal chat over any runtime) and nima-edge serve (OpenAI-compatible HTTP)."""
+"""nima-edge chat: a streaming terminal chat over any runtime (nima-edge serve is commands/serve.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from nima_edge.commands.options import Seed, Target, Temperature, Threads, TopK, TopP
 from nima_edge.sampling import Sampling
 
 HELP = ("commands: /system TEXT sets the system prompt, /reset clears the history, /exit (or Ctrl-D) leaves; "
@@ -18,12 +19,12 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Argument(..., help="a .gguf file, another exported artifact, or a checkpoint"),
         system: str = typer.Option("", help="system prompt"),
         max_new_tokens: int = typer.Option(256, help="longest reply (at most half the context)"),
-        temperature: float = typer.Option(0.7, help="0 = greedy"),
-        top_k: int = typer.Option(40),
-        top_p: float = typer.Option(0.95),
-        seed: int = typer.Option(None),
-        target: str = typer.Option(None, help="runtime to use (default: from the artifact)"),
-        threads: int = typer.Option(None),
+        temperature: Temperature = 0.7,
+        top_k: TopK = 40,
+        top_p: TopP = 0.95,
+        seed: Seed = None,
+        target: Target = None,
+        threads: Threads = None,
     ):
         """Chat with a model in the terminal; replies stream as they are generated."""
         try:
@@ -78,15 +79,3 @@ def register(app: typer.Typer) -> None:
         finally:
             rt.close()
 
-    @app.command()
-    def serve(
-        model: Path = typer.Argument(..., help="a .gguf file"),
-        host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"),
-        port: int = typer.Option(8000),
-        threads: int = typer.Option(None),
-        api_key: str = typer.Option(None, help="require this bearer token"),
-    ):
-        """Serve a GGUF model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
-        from nima_edge.runtimes.gguf_server import serve as run_server
-        Console(stderr=True).print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
-        run_server(model, host, port, threads, api_key)
