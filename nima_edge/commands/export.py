@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., help="artifact path to write"),
         lora: Path = typer.Option(None, help="gguf only: write this LoRA adapter (a fine-tune's OUT/adapter) as a "
                                              "llama.cpp adapter GGUF that loads beside CKPT's own GGUF"),
+        context: int = typer.Option(None, help="onnx-portable, executorch: positions the artifact is built for "
+                                               "(its KV cache; default: the model's context, capped at 2048)"),
         force: Force = False,
     ):
         from nima_edge.export import export as run_export
@@ -36,6 +38,13 @@ def register(app: typer.Typer) -> None:
             from nima_edge.errors import NimaError
             raise NimaError(f"--lora writes a llama.cpp adapter; {target} has no adapter format",
                             "use --target gguf, or export the fine-tune's merged checkpoint (its OUT) instead")
+        options = {k: v for k, v in (("lora", lora), ("context", context)) if v is not None}
+        if context is not None:
+            import inspect
+            if "context" not in inspect.signature(targets.get(target, "exporter").load("exporter")).parameters:
+                from nima_edge.errors import NimaError
+                raise NimaError(f"--context sizes a KV cache built into the artifact; {target} sizes it at run time",
+                                "drop --context for this target")
         with Console().status(f"exporting {ckpt} to {target} ({quant})"):
-            path = run_export(ckpt, target, out, quant, **({"lora": lora} if lora is not None else {}))
+            path = run_export(ckpt, target, out, quant, **options)
         Console().print(f"wrote {path}")
