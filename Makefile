@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # llama.cpp is built portable (AVX2/FMA/F16C, no host-specific AMX path: see runtimes/gguf.py).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean arm-check
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,12 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q
+
+# Every device-side artifact kind run on aarch64 under qemu-user against the x86 tokens (root; the first
+# run builds the arm64 environment in ~/.cache/nima-edge/arm64, about an hour on two cores):
+# benchmarks/arm64_qemu.py, report in benchmarks/reports/arm64-qemu/.
+arm-check: install
+	$(BIN)/python benchmarks/arm64_qemu.py
 
 clean:
 	rm -rf runs artifacts data .pytest_cache
