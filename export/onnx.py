@@ -8,6 +8,7 @@ packed exactly, rather than letting the builder re-quantize: every target runs t
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -25,9 +26,9 @@ from nima_edge.export.onnx_weights import concat_rows, quant_result, set_nodes
 from nima_edge.export.packing import pack_matmul_nbits
 from nima_edge.quantization import QuantizedWeight
 from nima_edge.manifest import write_manifest
+from nima_edge.runtimes.onnx_format import DATA_FILE, GENAI_CONFIG, MODEL_FILE
 
 TARGET = "onnx"
-MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 DEFAULT_GROUP = 32
 # MatMulNBits accuracy_level: 4 quantizes activations to int8 per block (the builder's CPU default and
 # the fastest kernel); 1 keeps fp32 activations and reproduces the fake-quant reference to ~1e-6.
@@ -38,13 +39,48 @@ _WEIGHT = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+_proj)\.MatMul\.wei
 _HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
 
 
+# The builder writes the graph our MatMulNBits swap and the tests were checked against: one version.
+BUILDER_VERSION = "0.18.0"
+# What the builder reads from the checkpoint through transformers; none may name code to import.
+_CONFIGS = ("config.json", "tokenizer_config.json", "generation_config.json")
+
+
+def refuse_remote_code(ckpt: Path) -> None:
+    """A checkpoint is data: a config that names its own Python classes (auto_map) is refused, so
+    nothing shipped inside a checkpoint can run during export."""
+    for name in _CONFIGS:
+        path = ckpt / name
+        if not path.is_file():
+            continue
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise NimaError(f"{path} is not valid JSON ({e})", "re-save the checkpoint") from e
+        if isinstance(cfg, dict) and "auto_map" in cfg:
+            raise NimaError(f"{path} has an auto_map (custom model code shipped with the checkpoint); nima-edge "
+                            "never runs code from a checkpoint", "remove auto_map: our models are plain "
+                            "LlamaForCausalLM checkpoints and need no custom code")
+
+
+def _check_builder_version() -> None:
+    from importlib import metadata
+    have = metadata.version("onnxruntime-genai")
+    if have != BUILDER_VERSION:
+        raise NimaError(f"onnxruntime-genai {have} is installed; the onnx target's builder is pinned to "
+                        f"{BUILDER_VERSION}", "pip install -e '.[onnx]' (it pins the tested version)")
+
+
 def run_builder(ckpt: Path, out: Path) -> None:
     """onnxruntime-genai's model builder, fp32 for the CPU execution provider, in a child process
-    (it imports its own module tree and prints a lot)."""
+    (it imports its own module tree and prints a lot). Remote code and the Hugging Face hub are off:
+    it reads the local checkpoint's files as data only."""
+    refuse_remote_code(ckpt)
+    _check_builder_version()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory(prefix="ortgenai-cache-") as cache:
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(out),
-               "-p", "fp32", "-e", "cpu", "-c", cache]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+               "-p", "fp32", "-e", "cpu", "-c", cache, "--extra_options", "hf_remote=false", "hf_token=false"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not (out / MODEL_FILE).is_file():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
         raise NimaError(f"onnxruntime-genai's model builder failed on {ckpt}:\n{tail}",
@@ -133,7 +169,7 @@ def export(ckpt: Path, out: Path, quant: str = "f32", group_size: int = DEFAULT_
                                      "symmetric": first.symmetric, "method": first.method,
                                      "accuracy_level": accuracy_level}}
         check_loads(tmp / MODEL_FILE)
-        genai = json.loads((tmp / "genai_config.json").read_text())
+        genai = json.loads((tmp / GENAI_CONFIG).read_text())
         write_manifest(tmp, TARGET, quant, ckpt, builder="onnxruntime_genai.models.builder fp32 cpu",
                        context_length=genai["model"]["context_length"], **extra)
     return out

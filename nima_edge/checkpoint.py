@@ -52,7 +52,16 @@ def save(out_dir: str | Path, model: NimaForCausalLM, tokenizer: Tokenizer, meta
 
 def read_meta(ckpt_dir: str | Path) -> dict:
     p = Path(ckpt_dir) / "nima.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NimaError(f"{p} is not valid JSON ({e})", "restore the checkpoint from a good copy, or re-save it") from e
+    if not isinstance(meta, dict):
+        raise NimaError(f"{p} holds a {type(meta).__name__}, not nima-edge's checkpoint metadata",
+                        "restore the checkpoint from a good copy, or re-save it")
+    return meta
 
 
 def checkpoint_hash(ckpt_dir: str | Path) -> str:
@@ -78,6 +87,11 @@ def load(ckpt_dir: str | Path, device: str = "cpu") -> tuple[NimaForCausalLM, To
     except (SafetensorError, OSError) as e:
         raise NimaError(f"{ckpt / 'model.safetensors'} is corrupt or truncated: {e}",
                         "restore it from a good copy or re-train; a partial download also looks like this") from e
+    if bad := [name for name, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+        raise NimaError(f"{ckpt / 'model.safetensors'} holds NaN or Inf values in {', '.join(sorted(bad)[:3])}"
+                        + (f" and {len(bad) - 3} more tensor(s)" if len(bad) > 3 else ""),
+                        "the training run diverged or the file was damaged; use an earlier checkpoint "
+                        "(e.g. OUT/last) or re-train with a lower learning rate")
     model = NimaForCausalLM(cfg).to(device)
     if cfg.tie_word_embeddings:
         sd.setdefault("lm_head.weight", sd.get("model.embed_tokens.weight"))

@@ -147,7 +147,7 @@ def prepare(source: str, out_dir: str | Path, tokenizer: str | Tokenizer = "char
     with atomic_dir(out_dir) as tmp:
         for name, part in (("train", train_text), ("val", val_text)):
             ids = tok.encode(part, add_bos=False)
-            np.asarray(ids, dtype=dtype).tofile(tmp / f"{name}.bin")
+            (tmp / f"{name}.bin").write_bytes(np.asarray(ids, dtype=dtype).tobytes())  # (tofile hides ENOSPC)
             meta[name] = {"tokens": len(ids), "chars": len(part), "sha256": sha256_file(tmp / f"{name}.bin")}
         tok.save(tmp / "tokenizer.json")
         if isinstance(tokenizer, Tokenizer):  # a model's own tokenizer: its special tokens travel with it

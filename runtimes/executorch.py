@@ -33,8 +33,9 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
 
 
 def _load_program(pte: Path):
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama:: kernels)
-    from executorch.runtime import Runtime as ETRuntime
+    from nima_edge.errors import require
+    require("executorch.extension.llm.custom_ops.custom_ops", "executorch", "the executorch runtime")  # llama:: kernels
+    ETRuntime = require("executorch.runtime", "executorch", "the executorch runtime").Runtime
     try:
         return ETRuntime.get().load_program(pte)
     except Exception as e:  # the bindings raise RuntimeError/ValueError with an error code

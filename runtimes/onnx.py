@@ -14,20 +14,41 @@ import onnxruntime_genai as og
 
 from nima_edge.errors import NimaError
 from nima_edge.runtime import Runtime
+from nima_edge.runtimes.onnx_format import GENAI_CONFIG
 from nima_edge.tokenizer import Tokenizer
+
+
+def native_libraries(config) -> list[str]:
+    """Every `*library*` entry (e.g. session_options.custom_ops_library) anywhere in a genai_config."""
+    found = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if "library" in key.lower() and value:
+                found.append(f"{key}={value}")
+            found += native_libraries(value)
+    elif isinstance(config, list):
+        for item in config:
+            found += native_libraries(item)
+    return found
 
 
 class OnnxGenaiRuntime(Runtime):
     target = "onnx"
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, allow_custom_ops: bool = False):
         super().__init__()
         path = Path(path)
-        if not (path / "genai_config.json").is_file():
-            raise NimaError(f"{path} is not an ONNX Runtime GenAI directory (no genai_config.json)",
+        if not (path / GENAI_CONFIG).is_file():
+            raise NimaError(f"{path} is not an ONNX Runtime GenAI directory (no {GENAI_CONFIG})",
                             "pass the directory written by nima-edge export --target onnx")
         try:
-            self.context_length = json.loads((path / "genai_config.json").read_text())["model"]["context_length"]
+            genai = json.loads((path / GENAI_CONFIG).read_text())
+            if not allow_custom_ops and (libs := native_libraries(genai)):
+                raise NimaError(f"{path / GENAI_CONFIG} asks to load native code ({', '.join(libs)}); an artifact's "
+                                "config is data, so nima-edge does not load libraries it names",
+                                "remove the entry, or if you built that library yourself and trust it, load the "
+                                "runtime with load_runtime(path, allow_custom_ops=True)")
+            self.context_length = genai["model"]["context_length"]
             config = og.Config(str(path))
             if threads:
                 config.overlay(json.dumps({"model": {"decoder": {"session_options": {

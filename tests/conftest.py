@@ -100,3 +100,23 @@ def tiny_pte(tmp_path_factory, tiny_ckpt) -> Path:
     pytest.importorskip("executorch", reason="the executorch extra is not installed")
     from nima_edge.export import export
     return export(tiny_ckpt, "executorch", tmp_path_factory.mktemp("pte") / "tiny-et", "fp32")
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `nima-edge ARGS` in this process (no interpreter start-up); returns (exit code, stdout, stderr)."""
+    import sys
+
+    from nima_edge.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["nima-edge", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

@@ -62,7 +62,7 @@ def _start_mlflow(run_dir: Path, params: dict, resumed: bool):
         import mlflow
     except ImportError as e:
         raise NimaError("MLflow tracking was asked for (mlflow = true) but mlflow is not installed",
-                        "pip install mlflow-skinny (or set mlflow = false)") from e
+                        "pip install 'nima-edge[mlflow]' (or set mlflow = false)") from e
     # MLflow 3 keeps its file store in maintenance mode; SQLite is its recommended local store.
     mlflow.set_tracking_uri(f"sqlite:///{(run_dir / MLFLOW_DB).resolve()}")
     if mlflow.get_experiment_by_name("nima-edge") is None:
@@ -91,8 +91,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(metrics: Path, out: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
+    from nima_edge.errors import require
+    require("matplotlib", "train", "the loss plot (loss.png)").use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     recs = read_metrics(metrics)
