@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# llama.cpp is built portable (AVX2/FMA/F16C, no host-specific AMX path: see runtimes/gguf.py).
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+# llama.cpp is built for this CPU's instruction sets (GGML_NATIVE), except that AMX CPUs get an explicit
+# AVX-512 set without AMX (its repack path crashes on some Xeons): nima_edge/cpu.py decides.
+export CMAKE_ARGS ?= $(shell $(PYTHON) nima_edge/cpu.py --cmake-args)
 
 .PHONY: demo test install clean arm-check
 

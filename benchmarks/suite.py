@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-1m", type=Path)
     ap.add_argument("--ckpt-10m", type=Path)
     ap.add_argument("--minutes", type=float, default=3.0, help="training budget per preset when no checkpoint is given")
+    ap.add_argument("--compare-peers", action="store_true", help="time each runtime's own tool beside ours (benchmarks/peers.py)")
     a = ap.parse_args(argv)
     console = Console()
     log = console.print
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     ckpts = {}
     for preset, ckpt in (("nima-1m", a.ckpt_1m), ("nima-10m", a.ckpt_10m)):
         ckpts[f"{preset}-"] = ckpt or trained_checkpoint(preset, data_dir, a.work / preset, a.minutes, log)[0]
-    shipped = ship(ckpts, data_dir, a.work / "artifacts", profile, a.out, log=log)
+    shipped = ship(ckpts, data_dir, a.work / "artifacts", profile, a.out, log=log, compare_peers=a.compare_peers)
     reports, skipped = shipped.verify, shipped.skipped
     summary = {name: {k: r[k] for k in ("passed", "checks", "quant", "reference", "logits_max_abs",
                                          "greedy_agreement", "greedy_prefix", "perplexity", "target")} for name, r in reports.items()}

@@ -92,17 +92,42 @@ class Shipped:
         return bool(self.bench.get("passed")) and all(r["passed"] for r in self.verify.values())
 
 
+def within_reach(ckpt: Path, plan: list[Build], profile) -> tuple[list[Build], list[str]]:
+    """The builds that can meet the profile's budget on its device: one whose floor there (weight bytes
+    over read bandwidth, FLOPs over GEMM rate, from the profile's published figures; benchmarks/roofline.py)
+    is over the budget cannot, whatever the runtime does (nima-10m in fp32 on a Raspberry Pi 5), so it is
+    not a default for that profile. A profile without device figures (desktop-cpu) keeps every build:
+    bench measures those."""
+    import json
+    from nima_edge.benchmarks import roofline
+    hardware = roofline.profile_machine(profile.device, profile.threads)
+    if hardware is None:
+        return list(plan), []
+    config = json.loads((ckpt / "config.json").read_text())
+    keep, dropped = [], []
+    for b in plan:
+        floor = roofline.planned_floor_ms(config, targets.precision_class(b.target, b.quant), hardware,
+                                          profile.prompt_tokens, profile.new_tokens)
+        if floor < profile.budget_ms:
+            keep.append(b)
+        else:
+            dropped.append(f"{b.target} {b.quant}: its floor on {profile.name} is {floor:.0f} ms, over the "
+                           f"{profile.budget_ms:g} ms budget (a lower precision of the same target meets it)")
+    return keep, dropped
+
+
 def ship(checkpoints: dict[str, Path], data_dir: Path | None, work: Path, profile, bench_out: Path, log=print,
-         plan: list[Build] | None = None) -> Shipped:
+         plan: list[Build] | None = None, compare_peers: bool = False) -> Shipped:
     """Quantize, export, verify and bench every checkpoint ({artifact name prefix: checkpoint})
-    for every planned target available here."""
+    for every planned target available here whose precision can meet the profile's budget."""
     from nima_edge.benchmarks.harness import run_bench
     shipped = Shipped()
     for prefix, ckpt in checkpoints.items():
-        built, why = build_all(ckpt, work, data_dir, plan, log=log, prefix=prefix)
+        todo, out_of_reach = within_reach(ckpt, targets.plan() if plan is None else plan, profile)
+        built, why = build_all(ckpt, work, data_dir, todo, log=log, prefix=prefix)
         shipped.artifacts += built
-        shipped.skipped += [f"{prefix}{s}" for s in why]
+        shipped.skipped += [f"{prefix}{s}" for s in out_of_reach + why]
     shipped.verify = verify_all(shipped.artifacts, data_dir, log=log)
-    shipped.bench = run_bench(shipped.artifacts, profile, bench_out, progress=lambda r: log(
+    shipped.bench = run_bench(shipped.artifacts, profile, bench_out, compare_peers=compare_peers, progress=lambda r: log(
         f"  {r['name']}: " + (f"{r['gen_ms_median']:.1f} ms" if "gen_ms_median" in r else "error")))
     return shipped
