@@ -9,8 +9,8 @@ quantizer (llama_model_quantize) from an F32 file, and the per-tensor fallbacks 
 from __future__ import annotations
 
 import ctypes
-import logging
 import re
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -26,7 +26,6 @@ from nima_edge.export.gguf_tokenizer import Writer, add_tokenizer
 from nima_edge.export.packing import pack_gguf
 from nima_edge.manifest import publish_file
 
-log = logging.getLogger(__name__)
 
 Q = gguf.GGMLQuantizationType
 # quant name -> (type of the decoder linears, file type) for the types written directly
@@ -75,9 +74,11 @@ def export(ckpt: Path, out: Path, quant: str, threads: int | None = None, lora: 
                                 + ("; the checkpoint's quantization result is not used" if result else ""))
             if extra["fallbacks"]:
                 kinds = Counter(f"{f['wanted']}->{f['used']}" for f in extra["fallbacks"])
-                log.warning("llama.cpp stored %d tensor(s) in a fallback type (%s; the width is not a multiple of "
-                            "the type's block); each is listed in the manifest", len(extra["fallbacks"]),
-                            ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items())))
+                # ours to say, not a library's log line: printed even when the CLI silences logging
+                print(f"note: llama.cpp stored {len(extra['fallbacks'])} tensor(s) in a fallback type ("
+                      + ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items()))
+                      + "; the width is not a multiple of the type's block); each is listed in the manifest",
+                      file=sys.stderr)
         extra["tensor_types"] = tensor_types(tmp)
         publish_file(tmp, out, "gguf", quant, ckpt, gguf=extra)
     return out

@@ -14,6 +14,7 @@ of the already-quantized layers before it ("true sequential" inside a layer too)
 from __future__ import annotations
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
 
 from nima_edge.errors import NimaError
@@ -121,7 +122,7 @@ def gptq_model(model: NimaForCausalLM, calib: torch.Tensor, bits: int, plan: dic
     batches = [model.embed(calib[i:i + batch_size]) for i in range(0, len(calib), batch_size)]
     result: dict[str, QuantizedWeight] = {}
     layers = model.model.layers
-    with Progress(transient=True) as progress:
+    with Progress(transient=True, disable=not Console().is_terminal) as progress:  # no blank lines in logs
         task = progress.add_task("GPTQ calibration", total=len(layers) * sum(len(s) for s in SEQUENTIAL))
         for li, layer in enumerate(layers):
             for names in SEQUENTIAL:

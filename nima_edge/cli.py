@@ -37,9 +37,9 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.getLogger().setLevel(logging.ERROR)
-    for name in ("torch", "torchao", "executorch", "onnxruntime", "onnxscript", "transformers", "optuna"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # Libraries set their own loggers' levels when imported (torch, executorch), after this runs, so
+    # levels would not hold: disable WARNING and below everywhere. nima-edge's own notes are printed.
+    logging.disable(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("ORT_LOG_SEVERITY_LEVEL", "3")
 
