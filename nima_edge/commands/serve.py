@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
         artifacts: list[Path] = typer.Argument(..., help="exported artifacts (or checkpoints); each is one model"),
-        host: str = typer.Option("127.0.0.1", help="address to bind; another than loopback exposes the models"),
+        host: str = typer.Option("127.0.0.1", help="address to bind; 127.0.0.1 is this machine only, 0.0.0.0 the network"),
         port: int = typer.Option(8000, help="0 picks a free port"),
         api_key_file: Path = typer.Option(None, help="require the key on this file's first line "
                                                      "(or set NIMA_EDGE_API_KEY)"),
