@@ -85,6 +85,8 @@ def export(ckpt: Path, out: Path, quant: str = "f32", group_size: int = onnx_por
     with atomic_dir(out) as tmp:
         (tmp / ENGINE_FILE).write_bytes(engine)
         tok.save(tmp / "tokenizer.json")
+        for name, content in tok.config_files(cfg["max_position_embeddings"]).items():  # specials, end ids, template
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps({"config": cfg, "inputs": inputs, "outputs": outputs,
                                                    "profiles": {"prefill": 0, "decode": 1}}, indent=2) + "\n")
         write_manifest(tmp, TARGET, quant, ckpt, tensorrt=trt.__version__)
