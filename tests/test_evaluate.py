@@ -47,6 +47,7 @@ def test_an_export_is_scored_on_the_same_windows_and_lines(tmp_path, tiny_ckpt, 
     pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
     from nima_edge.export import export
     art = export(tiny_ckpt, "gguf", tmp_path / "m.gguf", "f32")
+    assert json.loads((tmp_path / "m.gguf.manifest.json").read_text())["trained_context"] == 64
     ckpt = evaluate_path(tiny_ckpt, char_data, max_windows=4, lines=10)
     gguf = evaluate_path(art, char_data, max_windows=4, lines=10)
     assert gguf["target"] == "gguf" and ckpt["target"] == "torch"

@@ -40,6 +40,9 @@ def print_report(artifact: Path, r: dict) -> None:
     t.add_row("greedy agreement (50)", f"{r['greedy_agreement']:.2f}", f">= {tol['greedy_agreement']:.2f}",
               mark(ok["greedy"]))
     p = r["perplexity"]
+    t.add_row(f"KL divergence, mean / max ({p['scored']} tokens)", f"{r['kl_mean']:.2g} / {r['kl_max']:.2g}",
+              f"{tol['kl_mean']:.2g} / {tol['kl_max']:.2g}", mark(ok["kl_divergence"]))
+    t.add_row("top-1 agreement", f"{r['top1_agreement']:.3f}", f">= {tol['top1_agreement']:.3f}", mark(ok["top1"]))
     t.add_row("perplexity", f"{p['artifact']:.3f} vs {p['reference']:.3f} ({p['rel_delta']:.2%})",
               f"{tol['ppl_rel_delta']:.2%}", mark(ok["perplexity"]))
     Console().print(t)
