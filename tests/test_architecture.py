@@ -205,3 +205,14 @@ def test_registry_describes_every_target_once():
         for quant, _ in t.plan:
             assert quant in t.schemes, f"{t.name}: planned {quant} has no precision class"
         assert t.default_quant in t.schemes
+
+
+def test_cli_is_quiet(tiny_ckpt, tmp_path):
+    """Third-party warnings and logging stay out of a user's terminal unless --verbose: an ExecuTorch
+    export, where torchao, torch's pytree and executorch's custom ops all speak, prints only ours."""
+    p = subprocess.run([sys.executable, "-m", "nima_edge", "export", str(tiny_ckpt), "--target", "executorch",
+                        "--out", str(tmp_path / "et")], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr
+    ours = ("wrote ", "exporting and lowering")
+    noise = [line for line in (p.stdout + p.stderr).splitlines() if line.strip() and not line.startswith(ours)]
+    assert not noise, noise
