@@ -58,17 +58,18 @@ class Tolerance:
 # the measured KL / d^2 ratios were at most 0.017 (mean) and 0.185 (max), so each class allows
 #   kl_mean = 2 x 0.017 x d_worst^2,  kl_max = 2 x 0.185 x d_worst^2   (rounded up, 1 digit)
 # with d_worst the class's worst honest logit error on any model (int4: 0.164, nima-1m 8da4w; int8:
-# 0.085, nima-1m onnx int8; int8 vs float: 0.151, nima-1m 8da8w) or, where nothing was measured
-# (float32: exact; float16; int4 vs float, llama.cpp's K-quants), the class's logit tolerance.
+# 0.085, nima-1m onnx int8; int8 vs float: 0.151, nima-1m 8da8w). Where no error was measured
+# (float32 is exact here but not on every CPU or model; float16; int4 vs float, llama.cpp's
+# K-quants) KL gets the bound its logit tolerance d implies, KL <= d^2 / 2 for small errors.
 # The other columns, from the same worst cases: logits x 2 (int4 0.164 -> 0.4); perplexity x 4 (half
 # the tokens are scored now); agreements allow twice the worst disagreement and at least 10% (one
 # near-tie flips a step), float32 none: int4 greedy 0.86 (nima-1m portable int4) -> 0.7. The defect
 # classes of tests/test_verify_defects.py then fail by one to five orders of magnitude in KL.
 TOLERANCES: dict[str, Tolerance] = {
     "float32": Tolerance(logits_max_abs=1e-4, greedy_agreement=1.0, ppl_rel_delta=1e-4,
-                         kl_mean=4e-10, kl_max=4e-9, top1_agreement=1.0),
+                         kl_mean=5e-9, kl_max=5e-9, top1_agreement=1.0),
     "float16": Tolerance(logits_max_abs=5e-2, greedy_agreement=0.9, ppl_rel_delta=5e-3,
-                         kl_mean=9e-5, kl_max=1e-3, top1_agreement=0.9),
+                         kl_mean=2e-3, kl_max=2e-3, top1_agreement=0.9),
     "int8": Tolerance(logits_max_abs=0.2, greedy_agreement=0.9, ppl_rel_delta=0.02,
                       kl_mean=3e-4, kl_max=3e-3, top1_agreement=0.9),
     "int4": Tolerance(logits_max_abs=0.4, greedy_agreement=0.7, ppl_rel_delta=0.01,
@@ -79,7 +80,7 @@ TOLERANCES_VS_FLOAT: dict[str, Tolerance] = {
     "int8": Tolerance(logits_max_abs=0.4, greedy_agreement=0.9, ppl_rel_delta=0.02,
                       kl_mean=8e-4, kl_max=9e-3, top1_agreement=0.9),
     "int4": Tolerance(logits_max_abs=3.0, greedy_agreement=0.1, ppl_rel_delta=0.25,
-                      kl_mean=0.4, kl_max=4.0, top1_agreement=0.5),
+                      kl_mean=5.0, kl_max=5.0, top1_agreement=0.5),
 }
 
 
