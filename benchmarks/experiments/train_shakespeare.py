@@ -1,190 +1,279 @@
-"""Train the ~1M preset on tinyshakespeare for a fixed wall-clock budget and compare it with a
-character-level nanoGPT-style baseline trained for the same time on the same machine and data.
+"""Train a nima preset on tinyshakespeare for a fixed wall-clock budget beside two baselines trained
+for the same time on the same machine and text:
 
-    python benchmarks/train_shakespeare.py --minutes 5 [--recipe nima-1m] [--threads 1] [--json out.json]
+- nanoGPT: the real code (vendored unmodified in benchmarks/experiments/nanogpt at a pinned commit),
+  its README's CPU shakespeare_char recipe (4 layers x 128, 4 heads, context 64, batch 12, lr 1e-3,
+  no dropout) run as `python train.py config/train_shakespeare_char.py --device=cpu ...`, with
+  max_iters stretched to fill the budget (its speed is measured by a short probe run first);
+- GPT-2-style: nanoGPT's model class (LayerNorm, learned positions, GELU MLP, full multi-head
+  attention, biases) at the nima preset's width and heads, with the layer count that brings its
+  parameters closest to the preset's, trained by the same loop settings as the nima recipe (context,
+  batch, optimizer, warmup and time-clock cosine).
 
-Both models see the same prepared data (the char tokenizer: one token per byte; tinyshakespeare is
-ASCII, so per byte = per character) and are scored the same way: mean cross-entropy over every
-non-overlapping window of the validation split at their own training context, in bits per character.
-Wall clock includes each model's periodic evaluations; the final full-split evaluation is outside it.
-The machine's load average is recorded before and after, since other jobs change the figures.
+    python benchmarks/experiments/train_shakespeare.py --minutes 5 [--recipe nima-1m] [--threads 1] \
+        [--parallel] [--json out.json] [--record recipe.toml]
+
+All three see the same 90/10 split (nima-edge's: the cut falls at the line start before 90% of the
+cleaned text; nanoGPT's bins are written from that same train and validation text with its own
+65-character vocabulary) and are scored the same way: mean cross-entropy over every non-overlapping
+window of the validation text at their own training context, in bits per character (one token is
+one character for both vocabularies). Wall clock includes periodic evaluations; the final scoring is
+outside it. --parallel runs the three side by side (one process each) instead of one after another.
+The machine's load average is recorded, since other jobs change the figures.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import json
 import math
 import os
+import pickle
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from rich.console import Console
 
 from nima_edge import checkpoint
 from nima_edge.data import TokenData, prepare
-from nima_edge.evaluate import evaluate
+from nima_edge.evaluate import completion_scores, evaluate, window_starts, windows
+from nima_edge.runtimes.torch_reference import TorchRuntime
 from nima_edge.train import recipe
-from nima_edge.train.trainer import train
+from nima_edge.train.schedules import lr_at
+from nima_edge.train.trainer import batch_starts, train
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+NANOGPT = Path(__file__).resolve().parent / "nanogpt"
+NANOGPT_FILES = ("model.py", "train.py", "configurator.py", "config/train_shakespeare_char.py", "LICENSE")
+# nanoGPT README's CPU run of shakespeare_char (max_iters / lr_decay_iters are set from the budget)
+NANOGPT_CPU_ARGS = ["--device=cpu", "--compile=False", "--dtype=float32", "--eval_iters=20", "--log_interval=1",
+                    "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+                    "--dropout=0.0"]
 console = Console()
 
 
-# --- the baseline: nanoGPT's model (LayerNorm, GELU MLP, learned positions, tied head) -----------------
-# Settings of nanoGPT's README CPU run of shakespeare_char: 4 layers, 4 heads, 128 wide, context 64,
-# batch 12, no dropout, AdamW lr 1e-3 (betas 0.9/0.99, wd 0.1, clip 1.0), warmup 100, min lr 1e-4.
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.heads = heads
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-        x = x + self.c_proj(y)
-        return x + self.mlp(self.ln_2(x))
+def nanogpt_module():
+    """nanoGPT's model.py (GPT, GPTConfig), imported from the vendored copy."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", NANOGPT / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-class NanoGPT(nn.Module):
-    def __init__(self, vocab: int, context: int = 64, d: int = 128, layers: int = 4, heads: int = 4):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(context, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.wte.weight
-        self.apply(self._init)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * layers))
+# --- the real nanoGPT ----------------------------------------------------------------------------
 
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-        for b in self.blocks:
-            x = b(x)
-        logits = self.head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+def nanogpt_workdir(work: Path, data: TokenData) -> tuple[Path, dict]:
+    """nanoGPT's files plus data/shakespeare_char/{train,val}.bin and meta.pkl from our split."""
+    for name in NANOGPT_FILES:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(NANOGPT / name, work / name)
+    text = {split: data.tokenizer.decode(data.tokens(split).tolist()) for split in ("train", "val")}
+    chars = sorted(set(text["train"] + text["val"]))
+    stoi = {c: i for i, c in enumerate(chars)}
+    out = work / "data" / "shakespeare_char"
+    out.mkdir(parents=True, exist_ok=True)
+    for split, t in text.items():
+        np.array([stoi[c] for c in t], dtype=np.uint16).tofile(out / f"{split}.bin")
+    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}
+    (out / "meta.pkl").write_bytes(pickle.dumps(meta))
+    return work, meta
 
 
-def _pairs(tokens: np.ndarray, starts, context: int):
-    rows = np.stack([tokens[s:s + context + 1] for s in starts]).astype(np.int64)
-    return torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
+def _nanogpt(work: Path, iters: int, eval_interval: int, threads: int) -> tuple[str, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_CPU_ARGS,
+                          f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--eval_interval={eval_interval}",
+                          "--out_dir=out"], cwd=work, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"nanoGPT failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return out.stdout, time.monotonic() - t0
+
+
+def run_nanogpt(data: TokenData, seconds: float, threads: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="nanogpt-") as tmp:
+        work, meta = nanogpt_workdir(Path(tmp), data)
+        probe, _ = _nanogpt(work, 60, 10 ** 6, threads)  # speed probe: 60 iterations, one evaluation
+        ms = [float(t) for it, t in re.findall(r"^iter (\d+): .*time ([\d.]+)ms", probe, re.M) if int(it) >= 5]
+        per_iter = float(np.median(ms)) / 1000
+        # every 250 iterations nanoGPT evaluates 2 x 20 batches (about 13 iterations' worth of forwards)
+        iters = max(250, int(seconds / per_iter / (1 + 13 / 250)) // 250 * 250)
+        console.print(f"  nanoGPT: {per_iter * 1000:.1f} ms/iteration in the probe -> max_iters {iters}")
+        log, wall = _nanogpt(work, iters, 250, threads)
+        ckpt = torch.load(work / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
+        nano = nanogpt_module()
+        model = nano.GPT(nano.GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+        text = data.tokenizer.decode(data.tokens("val").tolist())
+        val = np.array([meta["stoi"][c] for c in text], dtype=np.int64)
+        loss = _gpt_val_loss(model, val, ckpt["model_args"]["block_size"])
+    evals = re.findall(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)", log, re.M)
+    return {"model": "nanoGPT (real code, README CPU shakespeare_char recipe: 4x128, ctx 64, batch 12)",
+            "parameters": sum(p.numel() for p in model.parameters()), "steps": iters, "seconds": round(wall, 1),
+            "tokens_per_second": round(iters * 12 * 64 / wall), "best_step": ckpt["iter_num"],
+            "val_loss": round(loss, 4), "val_bits_per_char": round(loss / math.log(2), 4),
+            "curve": [(int(s), float(v)) for s, _, v in evals]}
 
 
 @torch.no_grad()
-def baseline_val(model: NanoGPT, data: TokenData, context: int, max_windows: int | None = None) -> dict:
-    tokens = data.tokens("val")
-    starts = np.arange(0, len(tokens) - context - 1, context)
-    if max_windows and len(starts) > max_windows:
-        starts = starts[np.linspace(0, len(starts) - 1, max_windows).astype(int)]
+def _gpt_val_loss(model, val: np.ndarray, block: int) -> float:
+    """nanoGPT's model on every non-overlapping window of `val` (its own ids): x = ids[s:s+block],
+    y = ids[s+1:s+block+1]."""
     model.eval()
+    starts = np.arange(0, len(val) - block - 1, block)
     total = 0.0
     for i in range(0, len(starts), 64):
-        x, y = _pairs(tokens, starts[i:i + 64], context)
-        total += model(x, y).item() * y.numel()
-    model.train()
-    loss = total / (len(starts) * context)
-    return {"loss": loss, "bits_per_char": loss / math.log(2) / data.chars_per_token("val")}
+        rows = np.stack([val[s:s + block + 1] for s in starts[i:i + 64]])
+        _, loss = model(torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:]))
+        total += loss.item() * rows[:, 1:].size
+    return total / (len(starts) * block)
 
 
-def run_baseline(data: TokenData, seconds: float, context=64, batch=12, lr=1e-3, min_lr=1e-4, warmup=100) -> dict:
-    torch.manual_seed(1337)
-    model = NanoGPT(data.tokenizer.vocab_size, context)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.99))
-    tokens, rng = data.tokens("train"), np.random.default_rng(1337)
+# --- the GPT-2-style baseline at the preset's size -------------------------------------------------
+
+def gpt2_style(cfg: recipe.TrainConfig, vocab: int, target_params: int):
+    """nanoGPT's GPT at the preset's width and heads, the layer count closest in parameters."""
+    from nima_edge.config import PRESETS
+    nano = nanogpt_module()
+    p = PRESETS[cfg.preset]
+    best = None
+    for layers in range(1, 13):
+        torch.manual_seed(cfg.seed)
+        with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT prints every model's size
+            m = nano.GPT(nano.GPTConfig(block_size=cfg.context, vocab_size=vocab, n_layer=layers,
+                                        n_head=p["num_attention_heads"], n_embd=p["hidden_size"], dropout=0.0,
+                                        bias=True))
+        n = sum(q.numel() for q in m.parameters())
+        if best is None or abs(n - target_params) < abs(best[1] - target_params):
+            best = (m, n, layers)
+    return best
+
+
+def run_gpt2_style(data_dir: Path, recipe_name: str, seconds: float, target_params: int) -> dict:
+    cfg = recipe.build_config(recipe_name, {"max_seconds": seconds, "max_steps": 10 ** 9, "schedule_clock": "time"})
+    data = TokenData(data_dir)
+    model, n_params, layers = gpt2_style(cfg, data.tokenizer.vocab_size, target_params)
+    opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), "cpu")
+    tokens = data.tokens("train")
     start, step, curve = time.monotonic(), 0, []
+    model.train()
     while (elapsed := time.monotonic() - start) < seconds:
-        # warmup, then cosine decay over the wall-clock budget (the same time-clock schedule ours uses)
-        cur = lr * (step + 1) / warmup if step < warmup else \
-            min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
         for g in opt.param_groups:
-            g["lr"] = cur
-        x, y = _pairs(tokens, rng.integers(0, len(tokens) - context - 1, batch), context)
-        loss = model(x, y)
+            g["lr"] = lr_at(step, cfg, elapsed / seconds)
+        x, y = windows(tokens, data.tokenizer.bos_id, cfg.context,
+                       batch_starts(cfg.seed, step, len(tokens), cfg.context, cfg.batch_size))
+        _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
-        if step % 250 == 0:
-            v = baseline_val(model, data, context, max_windows=64)
-            curve.append((step, round(time.monotonic() - start, 1), round(v["loss"], 4)))
-            console.print(f"  baseline step {step}: {curve[-1][1]} s, val loss {v['loss']:.4f}")
+        if step % cfg.eval_every == 0:
+            curve.append((step, round(time.monotonic() - start, 1), round(_nima_windows_loss(model, data, cfg.context, 32), 4)))
+            model.train()
     train_s = time.monotonic() - start
-    final = baseline_val(model, data, context)
-    return {"model": "nanoGPT baseline (4x128, ctx 64, batch 12)",
-            "parameters": sum(p.numel() for p in model.parameters()), "steps": step, "seconds": round(train_s, 1),
-            "tokens_per_second": round(step * batch * context / train_s), "val_loss": round(final["loss"], 4),
-            "val_bits_per_char": round(final["bits_per_char"], 4), "curve": curve}
+    loss = _nima_windows_loss(model, data, cfg.context, None)
+    return {"model": f"GPT-2-style ({layers}x{model.config.n_embd}, {model.config.n_head} heads, LayerNorm, "
+                     f"learned positions, GELU, biases; ctx {cfg.context}, batch {cfg.batch_size})",
+            "parameters": n_params, "steps": step, "seconds": round(train_s, 1),
+            "tokens_per_second": round(step * cfg.batch_size * cfg.context / train_s),
+            "val_loss": round(loss, 4), "val_bits_per_char": round(loss / math.log(2) / data.chars_per_token("val"), 4),
+            "curve": curve}
+
+
+@torch.no_grad()
+def _nima_windows_loss(model, data: TokenData, context: int, max_windows: int | None) -> float:
+    """The nima evaluation windows (BOS first) scored by a nanoGPT-class model."""
+    model.eval()
+    tokens = data.tokens("val")
+    starts = window_starts(len(tokens), context, max_windows)
+    total, count = 0.0, 0
+    for i in range(0, len(starts), 32):
+        x, y = windows(tokens, data.tokenizer.bos_id, context, starts[i:i + 32])
+        _, loss = model(x, y)
+        total += loss.item() * y.numel()
+        count += y.numel()
+    return total / count
 
 
 def run_ours(data_dir: Path, out: Path, recipe_name: str, seconds: float) -> dict:
     cfg = recipe.build_config(recipe_name, {"max_seconds": seconds, "max_steps": 10 ** 9, "schedule_clock": "time"})
     summary = train(data_dir, out, cfg, log=lambda m: console.print(f"  {m}"))
-    model, _ = checkpoint.load(out)
-    final = evaluate(model, TokenData(data_dir), context=cfg.context)
+    model, tok = checkpoint.load(out)
+    data = TokenData(data_dir)
+    final = evaluate(model, data, context=cfg.context)
+    rt = TorchRuntime(model=model, tokenizer=tok)
+    completion = completion_scores(rt, data, context=cfg.context)
+    sample = "".join(rt.generate("ROMEO:\n", 200))
     return {"model": f"{cfg.preset} ({recipe_name})", "parameters": model.num_parameters(), "steps": summary["steps"],
             "seconds": summary["seconds"], "tokens_per_second": summary["tokens_per_second"],
             "val_loss": round(final["loss"], 4), "val_bits_per_char": round(final["bits_per_char"], 4),
+            "perplexity": round(final["perplexity"], 3), "bleu": round(completion["bleu"], 2),
+            "chrf": round(completion["chrf"], 2), "greedy_sample": "ROMEO:\n" + sample,
             "best_step": summary["best"]["step"], "recipe": cfg.to_dict()}
+
+
+def _job(kind: str, data_dir: Path, work: Path, recipe_name: str, seconds: float, threads: int,
+         target_params: int) -> dict:
+    """One model's run (in its own process with --parallel)."""
+    torch.set_num_threads(threads)
+    if kind == "ours":
+        return run_ours(data_dir, work / "run", recipe_name, seconds)
+    if kind == "gpt2_style":
+        return run_gpt2_style(data_dir, recipe_name, seconds, target_params)
+    return run_nanogpt(TokenData(data_dir), seconds, threads)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--recipe", default="nima-1m", help="recipe file or bundled name")
-    ap.add_argument("--corpus", type=Path, default=SHAKESPEARE)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--corpus", type=Path, required=True, help="tinyshakespeare.txt (char-rnn's corpus)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per model")
+    ap.add_argument("--models", default="ours,gpt2_style,nanogpt", help="which of ours, gpt2_style, nanogpt to run")
+    ap.add_argument("--parallel", action="store_true", help="run the models side by side, one process each")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--record", type=Path, help="write the recipe with these figures under [measured] to this file")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     seconds = args.minutes * 60
-    results = {"budget_seconds": seconds, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    results = {"budget_seconds": seconds, "threads": args.threads, "cpus": os.cpu_count(), "parallel": args.parallel,
                "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="nima-bench-") as tmp:
         data_dir = Path(tmp) / "char"
         prepare(str(args.corpus), data_dir, "char")
-        data = TokenData(data_dir)
-        if not args.skip_baseline:
-            console.print(f"[bold]baseline[/] for {seconds:.0f} s")
-            results["baseline"] = run_baseline(data, seconds)
-            results["load_after_baseline"] = os.getloadavg()
-        if not args.skip_ours:
-            console.print(f"[bold]{args.recipe}[/] for {seconds:.0f} s")
-            results["ours"] = run_ours(data_dir, Path(tmp) / "run", args.recipe, seconds)
-            results["load_after"] = os.getloadavg()
-    for key in ("baseline", "ours"):
+        from nima_edge.config import preset
+        cfg = recipe.build_config(args.recipe, {})
+        from nima_edge.model import NimaForCausalLM
+        target_params = NimaForCausalLM(preset(cfg.preset, TokenData(data_dir).tokenizer.vocab_size)).num_parameters()
+        jobs = {k: (k, data_dir, Path(tmp), args.recipe, seconds, args.threads, target_params) for k in kinds}
+        if args.parallel:
+            with ProcessPoolExecutor(len(jobs)) as pool:
+                futures = {k: pool.submit(_job, *a) for k, a in jobs.items()}
+                for k, f in futures.items():
+                    results[k] = f.result()
+        else:
+            for k, a in jobs.items():
+                console.print(f"[bold]{k}[/] for {seconds:.0f} s")
+                results[k] = _job(*a)
+                results[f"load_after_{k}"] = os.getloadavg()
+    results["load_after"] = os.getloadavg()
+    for key in ("ours", "gpt2_style", "nanogpt"):
         if key in results:
             r = results[key]
-            console.print(f"{r['model']:<42} {r['parameters']:>9,} params  {r['steps']:>6} steps  "
+            console.print(f"{r['model'][:60]:<60} {r['parameters']:>9,} params  {r['steps']:>6} steps  "
                           f"{r['tokens_per_second']:>7,} tok/s  val {r['val_loss']:.4f} nats/char  "
-                          f"{r['val_bits_per_char']:.4f} bits/char")
-    console.print(f"load average before {results['load_before']}, after {results.get('load_after')}")
+                          f"{r['val_bits_per_char']:.4f} bits/char", markup=False)
+    console.print(f"load average before {results['load_before']}, after {results['load_after']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.record and "ours" in results:
@@ -195,21 +284,23 @@ def main(argv=None) -> int:
 def record(path: Path, recipe_name: str, results: dict) -> None:
     """Write the recipe that was run, with what it reached under [measured]."""
     ours = results["ours"]
-    load = [results[k][0] for k in ("load_before", "load_after_baseline", "load_after") if k in results]
+    load = [v[0] for k, v in results.items() if k.startswith("load_")]
     measured = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{results['cpus']} CPU cores shared with other jobs (1-minute load average "
-                   f"{min(load):.1f}-{max(load):.1f}), {results['threads']} torch thread(s)",
-        "benchmark": "python benchmarks/train_shakespeare.py (tinyshakespeare, char tokenizer, 90/10 split)",
+                   f"{min(load):.1f}-{max(load):.1f}), {results['threads']} torch thread(s) per model, "
+                   + ("models side by side" if results["parallel"] else "models one after another"),
+        "benchmark": "python benchmarks/experiments/train_shakespeare.py (tinyshakespeare, char tokenizer, 90/10 split)",
         "budget_seconds": results["budget_seconds"], "steps": ours["steps"],
         "train_tokens_per_second": ours["tokens_per_second"],
         "val_loss_nats_per_char": ours["val_loss"], "val_bits_per_char": ours["val_bits_per_char"],
     }
-    if "baseline" in results:
-        b = results["baseline"]
-        measured["baseline"] = {"model": b["model"], "steps": b["steps"],
-                                "train_tokens_per_second": b["tokens_per_second"],
-                                "val_loss_nats_per_char": b["val_loss"], "val_bits_per_char": b["val_bits_per_char"]}
+    for key in ("nanogpt", "gpt2_style"):
+        if key in results:
+            b = results[key]
+            measured[key] = {"model": b["model"], "parameters": b["parameters"], "steps": b["steps"],
+                             "train_tokens_per_second": b["tokens_per_second"],
+                             "val_loss_nats_per_char": b["val_loss"], "val_bits_per_char": b["val_bits_per_char"]}
     cfg = recipe.build_config(recipe_name, {})
     header = (f"{cfg.preset}: the settings that reached the best validation loss measured in a "
               f"{results['budget_seconds'] / 60:g}-minute CPU budget.\nFigures under [measured]; "
