@@ -208,7 +208,7 @@ class FinetuneJob(Job):
         self.kind = "chat" if isinstance(self.source, ChatJob) else "text"
         self.scheme = qat.parse(ft.qat) if ft.qat else None
         self.info = {"source": str(ckpt.resolve()), "source_sha256": checkpoint.checkpoint_hash(ckpt),
-                     "data": str(data), "data_kind": self.kind, **ft.to_dict()}
+                     "data": str(data.resolve()), "data_kind": self.kind, **ft.to_dict()}
 
     # data: the source's
     def check(self, cfg: TrainConfig) -> None:
