@@ -72,32 +72,39 @@ def checkpoint(ckpt: Path | None, work: Path, minutes: float) -> tuple[Path, Pat
     return ckpt, data
 
 
-def artifacts(ckpt: Path, data: Path, out: Path) -> list[Path]:
-    """Export and verify every build of the device targets, or reuse one verified from this checkpoint."""
+def artifacts(ckpt: Path, data: Path, out: Path, kinds: list[str]) -> list[Path]:
+    """Export and verify every build of the `kinds` targets; an artifact already exported (or verified)
+    from this checkpoint is reused."""
     from nima_edge import targets
     from nima_edge.checkpoint import checkpoint_hash
     from nima_edge.manifest import read_manifest
     from nima_edge.pipeline import build_all, verify_all
     sha = checkpoint_hash(ckpt)
-    done, todo = [], []
-    for b in targets.plan(list(TARGETS)):
+    done, unverified, todo = [], [], []
+    for b in targets.plan(kinds):
         path = out / b.filename
         try:
             m = read_manifest(path)
-            fresh = "self_check" in m.get("verify", {}) and m["verify"].get("reference_checkpoint", {}).get("sha256") == sha
         except Exception:  # missing or unreadable: build it
-            fresh = False
-        (done if fresh else todo).append(path if fresh else b)
+            m = {}
+        if "self_check" in m.get("verify", {}) and m["verify"].get("reference_checkpoint", {}).get("sha256") == sha:
+            done.append(path)
+        elif m.get("source", {}).get("sha256") == sha and m.get("quant") == b.quant:
+            unverified.append(path)
+        else:
+            todo.append(b)
+    built = []
     if todo:
         log(f"exporting {', '.join(b.filename for b in todo)}")
         built, skipped = build_all(ckpt, out, data, plan=todo, log=lambda *_: None)
         if skipped:
             raise SystemExit(f"error: cannot export here: {'; '.join(skipped)}\n  fix: pip install -e '.[all]'")
-        reports = verify_all(built, data, log=log)
+    if built or unverified:
+        reports = verify_all(built + unverified, data, log=log)
         failed = [name for name, r in reports.items() if not r["passed"]]
         if failed:
             raise SystemExit(f"error: verify failed on x86 for {', '.join(failed)}: nothing to compare aarch64 with")
-        done += built
+        done += built + unverified
     return sorted(done)
 
 
@@ -215,7 +222,8 @@ def write_report(out: Path, results: dict) -> None:
         "# aarch64 check under qemu-user (`make arm-check`)", "",
         f"Run {results['date']} on {env['host']}. aarch64 code ran in a Debian {env['debian']} arm64 root under "
         f"`{env['qemu']}`: every timing below is **qemu-emulated (an x86 core interpreting ARM code), not device "
-        "speed**, and the machine was shared with other jobs.", "",
+        f"speed**, taken on a machine shared with other jobs (load average {env.get('load_average_1_5_15min')} "
+        "at the end, 1/5/15 min).", "",
         "Artifacts were exported and verified on x86 from one checkpoint "
         f"(`{results['checkpoint']['name']}`, sha256 {results['checkpoint']['sha256'][:12]}); `pi_demo.py` then ran "
         "each one on x86 and on aarch64. Rule: a float artifact's greedy tokens on aarch64 equal x86's exactly; "
@@ -231,6 +239,9 @@ def write_report(out: Path, results: dict) -> None:
         lines.append(f"| {name} | {arm.get('backend', '-')} ({'+'.join(s.rsplit('/', 1)[1] for s in r['sites'])}) | "
                      f"{j['status']} | {'yes' if j['identical_to_x86'] else 'no'} | {agree} | "
                      f"{ms(arm)} | {ms(x86)} |")
+    if env.get("torch_import", "ok") != "ok":
+        lines += ["", f"**ExecuTorch on aarch64: not run.** {env['torch_import']}. "
+                  f"`executorch` alone (its wheel declares no torch): `{env.get('executorch_without_torch')}`."]
     lines += ["", "## Greedy tokens (the first 16 after the verify prompt)", ""]
     for name, r in results["artifacts"].items():
         j = r["judge"]
@@ -251,6 +262,7 @@ def main(argv=None) -> int:
     p.add_argument("--report", type=Path, default=REPO / "benchmarks" / "reports" / "arm64-qemu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=2, help="timed runs per artifact after one warm-up")
+    p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="artifact kinds to check")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("error: the arm64 check needs root (binfmt_misc, chroot)\n  fix: run make arm-check as root")
@@ -260,7 +272,7 @@ def main(argv=None) -> int:
     build_env(versions)
     root = CACHE / "rootfs"
     ckpt, data = checkpoint(args.ckpt, args.work, args.minutes)
-    arts = artifacts(ckpt, data, args.work / "artifacts")
+    arts = artifacts(ckpt, data, args.work / "artifacts", args.targets)
 
     guest_dir = root / GUEST_DIR.lstrip("/")
     shutil.rmtree(guest_dir, ignore_errors=True)
@@ -279,7 +291,7 @@ def main(argv=None) -> int:
                "checkpoint": {"name": ckpt.name, "sha256": checkpoint_hash(ckpt)},
                "environment": {"host": f"{platform.machine()} {platform.node()}, {os.cpu_count()} cores",
                                "qemu": qemu_version(), "debian": "bookworm", "x86_versions": versions,
-                               "threads": args.threads, "runs": args.runs},
+                               "threads": args.threads, "runs": args.runs, "targets": args.targets},
                "artifacts": {}}
     with proc_mounted(root):
         lean = probe(root, SITES["gguf"], ["onnxruntime", "tokenizers", "numpy", "onnxruntime-genai"])
@@ -309,6 +321,7 @@ def main(argv=None) -> int:
                                             "x86": x86, "aarch64": arm,
                                             "judge": judge(target, manifest["quant"], manifest, x86, arm)}
             log(f"{a.name}: {results['artifacts'][a.name]['judge']['status']}")
+    results["environment"]["load_average_1_5_15min"] = [round(x, 1) for x in os.getloadavg()]
     write_report(args.report, results)
     status = [r["judge"]["status"] for r in results["artifacts"].values()]
     print(f"arm64 check: {status.count('PASS')} pass, {status.count('FAIL')} fail, {status.count('NOT RUN')} not run "
