@@ -189,6 +189,12 @@ def _libc():
     return libc if hasattr(libc, "renameat2") else None
 
 
+def discard(path: str | os.PathLike) -> None:
+    """Delete a folder so that a kill never leaves half of it under its own name."""
+    path = Path(path)
+    _discard(path, path)
+
+
 def _discard(path: Path, target: Path) -> None:
     """Delete a directory by first renaming it to one of `target`'s temporary names."""
     if not path.exists():

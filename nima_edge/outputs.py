@@ -128,6 +128,16 @@ def check_run_out(out: str | Path, data: str | Path, resume: bool, overwrite: bo
     return check_out(out, "run", [data], force=force)
 
 
+def start_over(out: Path) -> None:
+    """`train --overwrite`: forget the previous run's resumable state and its "finished" record, so a
+    later --resume can never continue the old run; its model files are replaced at the first publish."""
+    from nima_edge.atomic import discard
+    from nima_edge.train.checkpointing import LAST
+    for name in (LAST, f".{LAST}.old"):
+        discard(out / name)
+    (out / "nima.json").unlink(missing_ok=True)
+
+
 def _run_state(out: Path) -> str:
     from nima_edge.train.checkpointing import last_dir
     last = last_dir(out)

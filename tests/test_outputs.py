@@ -221,3 +221,14 @@ def test_a_corrupt_manifest_is_a_clear_error(tmp_path, small_ckpt):
     manifest_path(out).write_text('["a list"]')
     with pytest.raises(NimaError, match="not an artifact manifest"):
         read_manifest(out)
+
+
+def test_overwrite_forgets_the_previous_runs_resumable_state(small_ckpt):
+    from nima_edge.outputs import start_over
+    from nima_edge.train.checkpointing import last_dir
+    with atomic_dir(small_ckpt / "last") as tmp:
+        (tmp / "trainer_state.json").write_text('{"progress": {"step": 240, "finished": "max_steps"}}')
+    assert last_dir(small_ckpt) is not None
+    start_over(small_ckpt)
+    assert last_dir(small_ckpt) is None and not (small_ckpt / "nima.json").exists()
+    assert sorted(p.name for p in small_ckpt.iterdir() if p.name.startswith(".")) == []

@@ -44,6 +44,9 @@ def register(app: typer.Typer) -> None:
         from nima_edge.outputs import check_run_out
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 decides
             check_run_out(out, data, resume, overwrite, force)
+            if overwrite and not resume:
+                from nima_edge.outputs import start_over
+                start_over(out)
         from nima_edge.train.recipe import build_config
         from nima_edge.train.trainer import train as run_train
         if threads:
