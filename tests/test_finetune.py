@@ -3,6 +3,7 @@ layout, transformers + PEFT load, llama.cpp adapter), bit-exact resume, and quan
 whose codes `quantize --method qat` reads off and every target packs losslessly."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -334,6 +335,11 @@ def test_cli_finetune_then_quantize_qat(tiny_ckpt, chat_file, qat_run, tmp_path)
               "--batch-size", 4, "--eval-every", 2, "--lora-rank", 2, "--threads", 1)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file() and "adapter" in run.stdout
+    if importlib.util.find_spec("llama_cpp") is not None:  # the gguf extra
+        lora = cli("export", tiny_ckpt, "--target", "gguf", "--lora", tmp_path / "ft" / "adapter",
+                   "--out", tmp_path / "adapter.gguf")
+        assert lora.returncode == 0, lora.stderr
+        assert (tmp_path / "adapter.gguf").is_file() and (tmp_path / "adapter.gguf.manifest.json").is_file()
     q = cli("quantize", qat_run, "--method", "qat", "--out", tmp_path / "q4")
     assert q.returncode == 0, q.stderr
     assert "4-bit qat, group 32" in q.stdout
