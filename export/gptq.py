@@ -126,25 +126,31 @@ def gptq_model(model: NimaForCausalLM, calib: torch.Tensor, bits: int, plan: dic
         task = progress.add_task("GPTQ calibration", total=len(layers) * sum(len(s) for s in SEQUENTIAL))
         for li, layer in enumerate(layers):
             for names in SEQUENTIAL:
+                # The linears of one step read the same input, so they share one Hessian, and GPTQ treats
+                # rows independently: quantizing them stacked is the same as one by one, and faster.
                 modules = {n: layer.get_submodule(n) for n in names}
-                hessians = {n: Hessian(m.in_features) for n, m in modules.items()}
-                hooks = [m.register_forward_hook(lambda _m, inp, _out, h=hessians[n]: h.add(inp[0]))
-                         for n, m in modules.items()]
+                first = next(iter(modules.values()))
+                hessian = Hessian(first.in_features)
+                hook = first.register_forward_hook(lambda _m, inp, _out: hessian.add(inp[0]))
                 try:
                     for x in batches:
                         model.forward_layer(li, x)
                 finally:
-                    for h in hooks:
-                        h.remove()
-                for n, m in modules.items():
-                    progress.update(task, description=f"GPTQ layer {li} {n.split('.')[-1]}")
-                    full = f"model.layers.{li}.{n}.weight"
-                    if plan[full] is None:  # no supported group divides its width: it stays float
-                        progress.advance(task)
-                        continue
-                    q = gptq(m.weight, hessians[n].H, bits, plan[full], symmetric, damp, act_order)
-                    m.weight.copy_(q.dequantize())
-                    result[full] = q
-                    progress.advance(task)
+                    hook.remove()
+                full = {n: f"model.layers.{li}.{n}.weight" for n in names}
+                group = plan[full[names[0]]]  # one input width, so one group
+                progress.update(task, description=f"GPTQ layer {li} {'/'.join(n.split('.')[-1] for n in names)}")
+                if group is not None:  # else no supported group divides the width: they stay float
+                    q = gptq(torch.cat([m.weight for m in modules.values()]), hessian.H, bits, group, symmetric,
+                             damp, act_order)
+                    start = 0
+                    for n, m in modules.items():
+                        rows = slice(start, start + m.out_features)
+                        start = rows.stop
+                        result[full[n]] = part = QuantizedWeight(
+                            codes=q.codes[rows], scales=q.scales[rows], zeros=q.zeros[rows], bits=bits,
+                            group_size=group, symmetric=symmetric, method="gptq")
+                        m.weight.copy_(part.dequantize())
+                progress.advance(task, len(names))
             batches = [model.forward_layer(li, x) for x in batches]  # inputs of the next layer
     return result
