@@ -82,7 +82,8 @@ class ModelWorker:
         self._lock = threading.Lock()
         self.waiting = 0  # submitted, not yet started
         self.busy = False
-        self.stats = {"completed": 0, "cancelled": 0, "rejected": 0, "failed": 0}
+        # cancelled: stopped while generating; left_queue: its client left before it started (never ran)
+        self.stats = {"completed": 0, "cancelled": 0, "left_queue": 0, "rejected": 0, "failed": 0}
         self._seconds_per_job = 1.0  # running mean, for Retry-After
         self._thread = threading.Thread(target=self._run, name=f"nima-serve:{name}", daemon=True)
         self._thread.start()
@@ -110,7 +111,7 @@ class ModelWorker:
                 self.waiting -= 1
                 self.busy = not job.cancelled.is_set()
             if not self.busy:  # its client left while it waited
-                self.stats["cancelled"] += 1
+                self.stats["left_queue"] += 1
                 job.emit(Event("done", finish_reason="cancelled"))
                 continue
             started = time.perf_counter()
