@@ -106,9 +106,11 @@ def run_nanogpt(data: TokenData, seconds: float, threads: int) -> dict:
         ms = [float(t) for it, t in re.findall(r"^iter (\d+): .*time ([\d.]+)ms", probe, re.M) if int(it) >= 5]
         per_iter = float(np.median(ms)) / 1000
         # every 250 iterations nanoGPT evaluates 2 x 20 batches (about 13 iterations' worth of forwards)
-        iters = max(250, int(seconds / per_iter / (1 + 13 / 250)) // 250 * 250)
+        iters = max(20, int(seconds / per_iter / (1 + 13 / 250)))
+        every = min(250, iters)  # the config's eval_interval; it saves ckpt.pt only at evaluations
+        iters = iters // every * every
         console.print(f"  nanoGPT: {per_iter * 1000:.1f} ms/iteration in the probe -> max_iters {iters}")
-        log, wall = _nanogpt(work, iters, 250, threads)
+        log, wall = _nanogpt(work, iters, every, threads)
         ckpt = torch.load(work / "out" / "ckpt.pt", map_location="cpu", weights_only=False)
         nano = nanogpt_module()
         model = nano.GPT(nano.GPTConfig(**ckpt["model_args"]))
@@ -133,7 +135,8 @@ def _gpt_val_loss(model, val: np.ndarray, block: int) -> float:
     total = 0.0
     for i in range(0, len(starts), 64):
         rows = np.stack([val[s:s + block + 1] for s in starts[i:i + 64]])
-        _, loss = model(torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:]))
+        x, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in (rows[:, :-1], rows[:, 1:]))
+        _, loss = model(x, y)
         total += loss.item() * rows[:, 1:].size
     return total / (len(starts) * block)
 
@@ -260,7 +263,11 @@ def main(argv=None) -> int:
             with ProcessPoolExecutor(len(jobs)) as pool:
                 futures = {k: pool.submit(_job, *a) for k, a in jobs.items()}
                 for k, f in futures.items():
-                    results[k] = f.result()
+                    try:
+                        results[k] = f.result()
+                    except Exception as e:  # one model's failure must not lose the others' figures
+                        results[f"{k}_error"] = repr(e)
+                        console.print(f"[red]{k} failed: {e!r}")
         else:
             for k, a in jobs.items():
                 console.print(f"[bold]{k}[/] for {seconds:.0f} s")
