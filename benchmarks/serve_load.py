@@ -123,6 +123,7 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def run_one(artifact: Path, args) -> dict:
+    loadavg = [round(x, 2) for x in os.getloadavg()]  # the machine may be shared: say how busy it was
     proc, base = start_server(artifact, args.queue_size, args.threads)
     try:
         results, wall = asyncio.run(load(base, args.clients, args.requests, args.max_tokens, args.timeout))
@@ -144,22 +145,23 @@ def run_one(artifact: Path, args) -> dict:
             "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
             "total_ms_p50": pct(total, 0.5), "total_ms_p99": pct(total, 0.99),
             "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall if wall else None,
-            "peak_rss_mb": rss}
+            "peak_rss_mb": rss, "loadavg_before": loadavg}
 
 
 def markdown(report: dict) -> str:
     s = report["setup"]
     lines = [f"# nima-edge serve load test ({s['clients']} clients x {s['requests']} streamed requests, "
              f"{s['max_tokens']} tokens each, queue {s['queue_size']})", "",
-             f"Machine: {s['machine']}, {s['cpus']} CPUs, load average before {s['loadavg_before']}. "
-             "Loopback; the clients run on the same CPUs as the server.", "",
-             "| artifact | target | quant | ok | errors | 429 retries | TTFT p50 ms | TTFT p99 ms | total p50 ms "
-             "| total p99 ms | tokens/s | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"Machine: {s['machine']}, {s['cpus']} CPUs. Loopback; the clients run on the same CPUs as the server.",
+             "", "| artifact | target | quant | ok | errors | 429 retries | TTFT p50 ms | TTFT p99 ms | total p50 ms "
+             "| total p99 ms | tokens/s | peak RSS MB | load avg (1 min) before |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     f = lambda v, d=0: "-" if v is None else f"{v:.{d}f}"
     for r in report["results"]:
         lines.append(f"| {r['artifact']} | {r['target']} | {r['quant']} | {r['ok']}/{r['requests']} | {r['errors']} "
                      f"| {r['retries_429']} | {f(r['ttft_ms_p50'])} | {f(r['ttft_ms_p99'])} | {f(r['total_ms_p50'])} "
-                     f"| {f(r['total_ms_p99'])} | {f(r['tokens_per_s'])} | {f(r['peak_rss_mb'])} |")
+                     f"| {f(r['total_ms_p99'])} | {f(r['tokens_per_s'])} | {f(r['peak_rss_mb'])} "
+                     f"| {r['loadavg_before'][0]:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup = {"clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
              "queue_size": args.queue_size, "threads": args.threads, "machine": platform.processor() or
-             platform.machine(), "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+             platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     results = []
     for artifact in args.artifacts:
         r = run_one(artifact, args)
