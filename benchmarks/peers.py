@@ -99,20 +99,14 @@ def _run(cmd: list[str], what: str) -> None:
 def time_llama_bench(path: Path, threads: int, prompt_tokens: int, new_tokens: int, runs: int) -> dict:
     """llama-bench's own `-pg` test on the file: ms for the prompt plus new_tokens - 1 decodes.
 
-    It keeps its defaults (batch 2048, ubatch 512, flash attention auto, CPU repack on) except the KV
-    cache type, which follows ours (F32 for an all-F32 file: what makes that file exact) and the repack
-    buffers, which stay off on AMX CPUs as in our runtime (nima_edge/cpu.py).
+    It keeps its defaults (batch 2048, ubatch 512, flash attention auto, F16 KV cache, CPU repack on),
+    except that the repack buffers stay off on AMX CPUs, as in our runtime (nima_edge/cpu.py). Its -ctk
+    takes no f32, so for an all-F32 file its cache is F16 where ours is F32 (what makes that file exact).
     """
-    import gguf as gguf_py
     from nima_edge.cpu import has_amx
     binary = llama_bench_binary()
-    reader = gguf_py.GGUFReader(path)
-    file_type = reader.fields.get("general.file_type")
-    f32 = file_type is not None and file_type.contents() == gguf_py.LlamaFileType.ALL_F32
-    kv = "f32" if f32 else "f16"
     cmd = [str(binary), "-m", str(path), "-p", "0", "-n", "0", "-pg", f"{prompt_tokens},{new_tokens - 1}",
-           "-t", str(threads), "-r", str(runs), "-ctk", kv, "-ctv", kv, "--repack", "0" if has_amx() else "1",
-           "-o", "json"]
+           "-t", str(threads), "-r", str(runs), "--repack", "0" if has_amx() else "1", "-o", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise PeerUnavailable(f"llama-bench failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")

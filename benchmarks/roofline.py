@@ -377,10 +377,27 @@ def projection_table(results: list[dict], profile, device: Machine) -> str:
     return "\n".join(lines) + "\n"
 
 
+def main(argv=None) -> None:
+    """Project a finished bench run (its bench.json) to device profiles, without timing anything again:
+
+        python -m nima_edge.benchmarks.roofline BENCH_JSON --profile raspberry-pi-5 --profile android-phone
+    """
+    import argparse
+    from nima_edge.benchmarks.harness import Profile, load_profile
+    ap = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bench_json", type=Path)
+    ap.add_argument("--profile", action="append", default=[])
+    a = ap.parse_args(argv)
+    report = json.loads(a.bench_json.read_text())
+    here = Machine(**report["machine"]["roofline"])
+    measured = Profile(**report["profile"])
+    for name in a.profile:
+        prof = load_profile(name)
+        device = profile_machine(prof.device, prof.threads)
+        rows = [dict(r) for r in report["results"]]
+        attach_projections(rows, here, device, measured.prompt_tokens, measured.new_tokens, prof.budget_ms)
+        print(projection_table(rows, prof, device))
+
+
 if __name__ == "__main__":
-    import sys
-    m = measure_machine(int(os.environ.get("THREADS", "2")))
-    print(json.dumps(asdict(m), indent=2))
-    for p in sys.argv[1:]:
-        c = analyse(p)
-        print(p, json.dumps(c.as_dict()), json.dumps(floor_ms(c, m, 16, 50)))
+    main()

@@ -16,6 +16,7 @@ import gguf
 import llama_cpp
 import numpy as np
 
+from nima_edge.cpu import has_amx
 from nima_edge.errors import NimaError
 from nima_edge.runtime import Runtime
 from nima_edge.runtimes.gguf_format import TOKENIZER_JSON_KEY, TOKENIZER_SETTINGS_KEY
@@ -32,13 +33,19 @@ def default_threads() -> int:
 
 
 @contextlib.contextmanager
-def no_extra_bufts() -> Iterator[None]:
-    """Load models with llama.cpp's extra CPU buffer types off (`use_extra_bufts=False`).
+def safe_buffer_types() -> Iterator[None]:
+    """Load models with llama.cpp's extra CPU buffer types off (`use_extra_bufts=False`) on CPUs with AMX.
 
-    Quantized models segfault in the AMX/repack buffer types on some Xeons. llama-cpp-python's Llama
-    (which its server also uses) does not expose the flag, but builds its model params from
-    llama_model_default_params() at load time, so that function is wrapped for the duration of a load.
+    Quantized models segfault in the AMX/repack buffer types on some AMX Xeons. Elsewhere those buffers
+    are what makes Q4_0/Q8_0 fast (weights repacked for the CPU's GEMV kernels, as llama-bench does by
+    default), so they stay on: detected from the CPU's flags (nima_edge/cpu.py), not assumed.
+    llama-cpp-python's Llama (which its server also uses) does not expose the flag, but builds its
+    model params from llama_model_default_params() at load time, so that function is wrapped for the
+    duration of a load.
     """
+    if not has_amx():
+        yield
+        return
     original = llama_cpp.llama_cpp.llama_model_default_params
 
     def params():
@@ -101,16 +108,19 @@ class LlamaCppRuntime(Runtime):
         self.context_length = context_length or int(meta["llama.context_length"])
         self.threads = threads or default_threads()
         try:
-            with no_extra_bufts():
-                # logits_all: Llama.eval stores every position's logits in .scores (exact float32 logits)
+            with safe_buffer_types():
                 self.llm = llama_cpp.Llama(
                     model_path=str(path), n_ctx=self.context_length, n_batch=self.context_length,
                     n_ubatch=self.context_length, n_threads=self.threads, n_threads_batch=self.threads,
-                    logits_all=True, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=False,
+                    type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=False,
                     lora_path=str(lora) if lora is not None else None)
         except ValueError as e:
             raise NimaError(f"llama.cpp could not load {path}: {e}",
                             "re-export it with nima-edge export --target gguf") from e
+        # One batch, reused: each call writes its tokens and asks for the last position's logits only,
+        # and llama_decode runs straight on it (Llama.eval would copy every position's logits per call).
+        self._batch = llama_cpp.llama_batch_init(self.context_length, 0, 1)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.llm.model))
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         # special=True: "<|user|>" in text is the special token, as in the checkpoint's tokenizer
@@ -130,14 +140,26 @@ class LlamaCppRuntime(Runtime):
             size = -n  # too small: llama.cpp returns minus the length it needs
 
     def _prefill(self, ids: Sequence[int]) -> np.ndarray:
-        self.llm.eval(list(ids))
-        return self.llm.scores[self.llm.n_tokens - 1].copy()
+        batch, n = self._batch, len(ids)
+        batch.n_tokens = n
+        for i, tok in enumerate(ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, self.position + i, 1, False
+            batch.seq_id[i][0] = 0
+        batch.logits[n - 1] = True
+        if (rc := llama_cpp.llama_decode(self.llm.ctx, batch)) != 0:
+            raise NimaError(f"llama.cpp failed to decode (llama_decode returned {rc})",
+                            "reset the conversation; if it persists, re-export the model")
+        # a view of llama.cpp's output buffer, copied: the next decode overwrites it
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, n - 1), shape=(self._n_vocab,)).copy()
 
     def _decode(self, token_id: int) -> np.ndarray:
         return self._prefill([token_id])
 
     def _reset(self) -> None:
-        self.llm.reset()  # the next eval drops cached positions past n_tokens = 0
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
 
     def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
         self.llm.close()
