@@ -182,9 +182,9 @@ def evaluate_path(path: str | Path, data_dir: str | Path, split: str = "val", ma
     quant = None
     if target == "torch":
         from nima_edge.checkpoint import load_model, trained_context
-        from nima_edge.runtimes.torch_reference import TorchRuntime
+        from nima_edge import targets
         model, tok, quant = load_model(path)  # a quantized checkpoint is evaluated as its fake-quant model
-        rt = TorchRuntime(model=model, tokenizer=tok)
+        rt = targets.get("torch").load("runtime")(model=model, tokenizer=tok)
         context = trained_context(path, model)
     else:
         rt = load_runtime(path, target, threads=threads)
