@@ -26,8 +26,9 @@ from nima_edge.config import check_context
 from nima_edge.errors import NimaError
 from nima_edge.manifest import write_manifest
 from nima_edge.runtimes.executorch_format import PTE_NAME
+from nima_edge.targets import TARGETS
 
-QUANTS = ("fp32", "8da4w", "8da8w")
+QUANTS = tuple(TARGETS["executorch"].schemes)  # the registry says which schemes exist
 ALIASES = {"f32": "fp32"}  # the CLI's generic default name
 
 

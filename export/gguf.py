@@ -25,6 +25,7 @@ from nima_edge.errors import NimaError
 from nima_edge.export.gguf_tokenizer import Writer, add_tokenizer
 from nima_edge.export.packing import pack_gguf
 from nima_edge.manifest import publish_file
+from nima_edge.targets import TARGETS
 
 
 Q = gguf.GGMLQuantizationType
@@ -35,10 +36,8 @@ DIRECT = {
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
-# handed to llama.cpp's quantizer (the IQ1/IQ2/IQ3 types need an importance matrix, so they are left out)
-LLAMA_QUANTS = ("bf16", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
-                "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
-QUANTS = (*DIRECT, *LLAMA_QUANTS)
+# every other scheme of the registry is handed to llama.cpp's quantizer from the float weights
+QUANTS = tuple(TARGETS["gguf"].schemes)
 RESULT_BITS = {"q8_0": 8, "q4_0": 4}
 
 

@@ -19,9 +19,10 @@ from nima_edge.export import onnx_portable
 from nima_edge.quantization import load_quant
 from nima_edge.manifest import write_manifest
 from nima_edge.runtimes.tensorrt_format import CONFIG_FILE, ENGINE_FILE, import_tensorrt
+from nima_edge.targets import TARGETS
 
 TARGET = "tensorrt"
-QUANTS = ("f32", "int4")
+QUANTS = tuple(TARGETS["tensorrt"].schemes)  # the registry says which schemes exist
 
 
 def profiles(cfg: dict, inputs: list[str]) -> list[dict[str, tuple[tuple, tuple, tuple]]]:
@@ -65,7 +66,10 @@ def build_engine(onnx_bytes: bytes, cfg: dict, inputs: list[str], workspace_gib:
     return bytes(engine)
 
 
-def export(ckpt: Path, out: Path, quant: str = "f32", group_size: int = onnx_portable.DEFAULT_GROUP) -> Path:
+def export(ckpt: Path, out: Path, quant: str = "f32", group_size: int = onnx_portable.DEFAULT_GROUP,
+           context: int | None = None) -> Path:
+    """`context`: the longest sequence the engine's optimization profiles admit (default: the declared
+    context capped at 2048, as the portable ONNX records it)."""
     if quant not in QUANTS:
         raise NimaError(f"quant {quant!r} is not available for --target tensorrt",
                         "use --quant f32 or int4 (TensorRT's int8 weights are per-channel, our int8 result is "
@@ -77,9 +81,10 @@ def export(ckpt: Path, out: Path, quant: str = "f32", group_size: int = onnx_por
     trt = import_tensorrt()
     # The quantization core keeps every scale positive and symmetric int4 codes in -8..7 with no zero
     # point: exactly the DequantizeLinear form TensorRT accepts, so the portable graph is used as is.
-    proto, _ = onnx_portable.build(ckpt, quant, group_size)
+    proto, info = onnx_portable.build(ckpt, quant, group_size, context)
     model, tok = checkpoint.load(ckpt)
-    cfg = model.config.to_hf()
+    # the engine's shape profiles and the runtime's context length follow the chosen context
+    cfg = {**model.config.to_hf(), "max_position_embeddings": info["max_context"]}
     inputs, outputs = onnx_portable.io_names(cfg["num_hidden_layers"])
     engine = build_engine(proto.SerializeToString(), cfg, inputs)
     with atomic_dir(out) as tmp:
@@ -89,5 +94,5 @@ def export(ckpt: Path, out: Path, quant: str = "f32", group_size: int = onnx_por
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps({"config": cfg, "inputs": inputs, "outputs": outputs,
                                                    "profiles": {"prefill": 0, "decode": 1}}, indent=2) + "\n")
-        write_manifest(tmp, TARGET, quant, ckpt, tensorrt=trt.__version__)
+        write_manifest(tmp, TARGET, quant, ckpt, tensorrt=trt.__version__, max_context=info["max_context"])
     return out

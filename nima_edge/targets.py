@@ -91,10 +91,11 @@ class Target:
 
 
 _GGUF_DIRECT = {"f32": FLOAT32, "f16": FLOAT16, "q8_0": INT8, "q4_0": INT4}
-# Schemes only llama.cpp's quantizer makes (from the f32/f16 file): held to the float model by verify.
+# Schemes only llama.cpp's quantizer makes (from the f32 file; the IQ1-3 types need an importance
+# matrix, so they are left out): held to the float model by verify.
 _GGUF_LLAMA = {"bf16": FLOAT16, "q6_k": INT8, "q5_k_m": INT4, "q5_k_s": INT4, "q5_0": INT4, "q5_1": INT4,
                "q4_k_m": INT4, "q4_k_s": INT4, "q4_1": INT4, "q3_k_l": INT4, "q3_k_m": INT4, "q3_k_s": INT4,
-               "q2_k": INT4}
+               "q2_k": INT4, "iq4_nl": INT4, "iq4_xs": INT4}
 
 _BUILTIN = [
     Target("torch", "nima_edge.runtimes.torch_reference:TorchRuntime", None, {"f32": FLOAT32, "fp32": FLOAT32},
