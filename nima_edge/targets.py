@@ -36,7 +36,8 @@ class Build:
 
     @property
     def filename(self) -> str:
-        return self.target + "-" + self.quant + TARGETS[self.target].suffix
+        t = TARGETS[self.target]
+        return self.target + "-" + self.quant + ("" if t.marker else t.suffix)  # a folder has no suffix
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ class Target:
     modules: tuple[str, ...] = ()     # Python modules this machine needs to export and run it
     distributions: tuple[str, ...] = ()  # pip distributions whose versions its manifests record
     extra: str = ""                   # the pyproject extra that installs them
-    suffix: str = ""                  # a file artifact's suffix ("" for a folder artifact)
-    marker: str = ""                  # the file that marks a folder artifact
+    suffix: str = ""                  # the suffix of the artifact's file (its main file, for a folder)
+    marker: str = ""                  # the file that marks a folder artifact ("" for a file artifact)
     needs_cuda: bool = False
     plan: tuple[tuple[str, str], ...] = ()  # (quant, weights) the pipeline builds ("every target")
     summary: str = ""
@@ -59,9 +60,9 @@ class Target:
         return [Build(self.name, quant, weights) for quant, weights in self.plan]
 
     def recognises(self, path: Path) -> bool:
-        if self.suffix:
-            return path.is_file() and path.suffix == self.suffix
-        return bool(self.marker) and path.is_dir() and (path / self.marker).is_file()
+        if path.is_dir():
+            return bool(self.marker) and (path / self.marker).is_file()
+        return bool(self.suffix) and path.is_file() and path.suffix == self.suffix
 
     def available(self) -> tuple[bool, str]:
         """Whether this machine can export and run it, and why not."""
@@ -119,7 +120,7 @@ _BUILTIN = [
     # XNNPACK has no grouped int8, so 8da8w is re-quantized per channel by torchao from the float weights.
     Target("executorch", "nima_edge.runtimes.executorch:ExecuTorchRuntime", "nima_edge.export.executorch:export",
            {"fp32": FLOAT32, "8da8w": INT8, "8da4w": INT4}, "fp32", ("executorch", "torchao"),
-           ("executorch", "torchao"), "executorch", marker=executorch_format.PTE_NAME,
+           ("executorch", "torchao"), "executorch", suffix=".pte", marker=executorch_format.PTE_NAME,
            plan=(("fp32", "float"), ("8da8w", "float"), ("8da4w", "int4-g32")),
            summary="a folder with a .pte for ExecuTorch (XNNPACK)"),
     Target("tensorrt", "nima_edge.runtimes.tensorrt:TensorRTRuntime", "nima_edge.export.tensorrt:export",

@@ -79,7 +79,8 @@ def test_metadata_and_manifest(tiny_pte, et_rt, tiny_ckpt):
     assert m["use_kv_cache"] and m["use_sdpa_with_kv_cache"] and m["enable_dynamic_shape"]
     manifest = read_manifest(tiny_pte)
     assert manifest["target"] == "executorch" and manifest["quant"] == "fp32"
-    assert {f["name"] for f in manifest["files"]} == {"model.pte", "tokenizer.json", "tokenizer_config.json"}
+    assert {f["name"] for f in manifest["files"]} == {"model.pte", "tokenizer.json", "tokenizer_config.json",
+                                                         "generation_config.json"}  # end ids for the runner
     assert manifest["source"]["checkpoint"] == str(tiny_ckpt)
 
 
