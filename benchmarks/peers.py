@@ -156,6 +156,7 @@ def _genai_loop(path: Path, threads: int, prompt_tokens: int, new_tokens: int, r
 
 def _executorch_runner(path: Path, threads: int, prompt_tokens: int, new_tokens: int, runs: int, warmup: int) -> dict:
     """ExecuTorch's stock C++ TextLLMRunner on the folder's model.pte and tokenizer.json."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama::custom_sdpa, as the app links)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
     from nima_edge.tokenizer import Tokenizer
