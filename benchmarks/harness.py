@@ -270,6 +270,7 @@ def run_bench(artifacts: list[Path], profile: Profile, out_dir: Path, baseline: 
     if foreign := [f"{p} ({t})" for p in artifacts if (t := detect_target(p)) not in profile.targets]:
         raise NimaError(f"profile {profile.name} does not run {', '.join(foreign)}",
                         f"it runs {', '.join(profile.targets)}; pick a profile that lists the target")
+    load_before = os.getloadavg()[0]
     here = roofline.measure_machine(profile.host_threads())  # once per run, before the load we add
     results = []
     for path in artifacts:
@@ -288,7 +289,7 @@ def run_bench(artifacts: list[Path], profile: Profile, out_dir: Path, baseline: 
         for r in results:
             if "peer_ratio" in r:
                 r["peer_ok"] = r["peer_ratio"] <= profile.peer_ratio_limit
-    info = {**machine_info(), "roofline": asdict(here), "load_avg_1m_after": os.getloadavg()[0]}
+    info = {**machine_info(), "roofline": asdict(here), "load_avg_1m_before": load_before}
     report = {"profile": asdict(profile), "machine": info, "results": results,
               "projection": asdict(device) if device else None}
     out_dir.mkdir(parents=True, exist_ok=True)
