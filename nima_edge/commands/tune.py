@@ -6,6 +6,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from nima_edge.commands.options import Force
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -18,10 +20,13 @@ def register(app: typer.Typer) -> None:
         trial_minutes: float = typer.Option(1.0, help="training time of each trial"),
         seed: int = typer.Option(0, help="sampler seed"),
         threads: int = typer.Option(None, help="CPU threads (default: torch's choice)"),
+        force: Force = False,
     ):
         """Search hyper-parameters with pruning on a wall-clock budget; write the best recipe."""
         import torch
 
+        from nima_edge.outputs import check_out
+        check_out(out, "recipe", [data], force=force)
         from nima_edge.train.recipe import build_config
         from nima_edge.train.tune import tune as run_tune
         if threads:
