@@ -257,6 +257,8 @@ def attach_floors(results: list[dict], machine: Machine, prompt_tokens: int, new
     """Add floor_ms and x_floor to every timed row (a row whose artifact cannot be read says why)."""
     from nima_edge.manifest import manifest_path
     for r in results:
+        if r.get("timed_out"):  # its file may be what hung (a FIFO, a dead mount): never open it here
+            continue
         try:
             cost = analyse(r["artifact"], r.get("target"))
         except Exception as e:  # noqa: BLE001 - a floor we cannot compute must not lose the timing
