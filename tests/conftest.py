@@ -120,3 +120,17 @@ def cli(capsys, monkeypatch):
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+@pytest.fixture
+def small_ckpt(tmp_path):
+    """An untrained one-layer, 32-wide char checkpoint: enough for checks of files and refusals."""
+    import torch
+    from nima_edge import checkpoint
+    from nima_edge.config import ModelConfig
+    from nima_edge.model import NimaForCausalLM
+    from nima_edge.tokenizer import train_tokenizer
+    torch.manual_seed(0)
+    model = NimaForCausalLM(ModelConfig(vocab_size=262, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    return checkpoint.save(tmp_path / "ckpt", model, train_tokenizer("char"), meta={"preset": "test"})

@@ -5,32 +5,12 @@ import os
 import shutil
 
 import pytest
-import torch
+from cli_checks import one_line_error
 
-from nima_edge import checkpoint
 from nima_edge.atomic import atomic_dir, write_text
-from nima_edge.config import ModelConfig
 from nima_edge.errors import NimaError
 from nima_edge.manifest import check_files, manifest_path, publish_file, read_manifest, write_manifest
-from nima_edge.model import NimaForCausalLM
 from nima_edge.outputs import check_out, check_run_out
-from nima_edge.tokenizer import train_tokenizer
-
-def one_line_error(result, *needles):
-    """exit 2, a problem line and a fix line, no traceback."""
-    code, stdout, stderr = result
-    assert code == 2, stderr + stdout
-    assert "Traceback" not in stderr and "fix:" in stderr, stderr
-    for needle in needles:
-        assert needle in stderr.replace("\n", " "), stderr
-
-
-@pytest.fixture
-def small_ckpt(tmp_path):
-    torch.manual_seed(0)
-    model = NimaForCausalLM(ModelConfig(vocab_size=262, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
-    return checkpoint.save(tmp_path / "ckpt", model, train_tokenizer("char"), meta={"preset": "test"})
 
 
 @pytest.fixture
