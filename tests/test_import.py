@@ -148,14 +148,13 @@ def test_gguf_imports_back_to_the_same_weights_and_tokenizer(byo, gguf_f32, tmp_
     assert checkpoint.read_meta(again)["origin"]["format"] == "gguf"
 
 
+@pytest.mark.parametrize("byo", ["smollm2"], indirect=True)  # one K-quant import is enough by default
 def test_k_quant_gguf_imports_as_its_dequantized_weights(byo, tmp_path):
     """A llama.cpp Q4_K_M file (with its per-tensor fallbacks at width 576/512) dequantizes with gguf-py to
     weights near the float ones, and the Q/K rows come back in Hugging Face order."""
     pytest.importorskip("llama_cpp", reason="the gguf extra is not installed")
     from nima_edge.export import export
     kind, _, ckpt = byo
-    if kind != "smollm2":
-        pytest.skip("one K-quant import is enough for the default suite")
     q = export(ckpt, "gguf", tmp_path / "q.gguf", "q4_k_m")
     back = import_model(q, tmp_path / "back", log=lambda *_: None)
     a, b = checkpoint.load(ckpt)[0].state_dict(), checkpoint.load(back)[0].state_dict()
@@ -183,20 +182,18 @@ def test_every_target_exports_and_verifies(byo, target, quant, tmp_path):
         assert report["checks"]["logits"], report  # agreement says nothing here; trained models are verified
 
 
+@pytest.mark.parametrize("byo", ["tinyllama"], indirect=True)  # the command itself once is enough
 def test_cli_import(byo, tmp_path):
     kind, src, _ = byo
-    if kind != "tinyllama":
-        pytest.skip("the command itself once is enough")
     done = subprocess.run([sys.executable, "-m", "nima_edge", "import", str(src), "--out", str(tmp_path / "ckpt")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "ckpt" / "model.safetensors").is_file() and "saved" in done.stdout
 
 
+@pytest.mark.parametrize("byo", ["smollm2"], indirect=True)
 def test_remote_code_is_refused(byo, tmp_path):
     kind, src, _ = byo
-    if kind != "smollm2":
-        pytest.skip("once is enough")
     config = json.loads((src / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
     with pytest.raises(NimaError, match="trust_remote_code"):
@@ -219,11 +216,10 @@ def test_unsupported_configs_are_refused(tmp_path, change, match):
         import_hf(tmp_path, tmp_path / "out")
 
 
+@pytest.mark.parametrize("byo", ["smollm2"], indirect=True)
 def test_missing_files_are_clear_errors(byo, tmp_path):
     from nima_edge.importer.hf import import_hf
     kind, src, _ = byo
-    if kind != "smollm2":
-        pytest.skip("once is enough")
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         (tmp_path / name).write_bytes((src / name).read_bytes())
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
