@@ -135,7 +135,7 @@ def peak_rss_mb() -> float:
 
 
 def bench_in_subprocess(path: Path, profile: Profile, target: str | None = None, timeout: float | None = None) -> dict:
-    cmd = [sys.executable, "-m", "nima_edge.benchmarks.harness", str(path), "--threads", str(profile.threads),
+    cmd = [sys.executable, "-m", "nima_edge.benchmarks.harness", str(path), "--threads", str(profile.host_threads()),
            "--prompt-tokens", str(profile.prompt_tokens), "--new-tokens", str(profile.new_tokens),
            "--runs", str(profile.runs), "--warmup", str(profile.warmup)] + (["--target", target] if target else [])
     timeout = profile.timeout_s if timeout is None else timeout

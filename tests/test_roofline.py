@@ -86,7 +86,9 @@ def test_device_profiles_cite_their_figures():
 
 @pytest.mark.skipif(platform.machine().lower() in ("aarch64", "arm64"), reason="an arm64 host measures, not projects")
 def test_bench_with_a_device_profile_projects_and_says_so(tmp_path, tiny_ckpt):
-    out = subprocess.run([sys.executable, "-m", "nima_edge", "bench", str(tiny_ckpt), "--profile", "raspberry-pi-5",
+    from nima_edge.export import export
+    gguf = export(tiny_ckpt, "gguf", tmp_path / "tiny.gguf", "f32")  # a target the Pi profile runs
+    out = subprocess.run([sys.executable, "-m", "nima_edge", "bench", str(gguf), "--profile", "raspberry-pi-5",
                           "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
     assert out.returncode in (0, 1), out.stderr
     assert "PROJECTION, NOT A MEASUREMENT" in out.stdout and "projected" in out.stdout
