@@ -191,7 +191,8 @@ def test_export_onnx_genai_survives_sigkill(tmp_path, tiny_ckpt, n):
     _export_kill_test(tmp_path, tiny_ckpt, "onnx", "f32", "genai", n)
 
 
-@counts(1, 4)
+@pytest.mark.slow  # one ExecuTorch lowering plus the re-run costs minutes: the default suite's 15-minute budget
+@pytest.mark.parametrize("n", [1, 4])
 def test_export_executorch_survives_sigkill(tmp_path, tiny_ckpt, n):
     _export_kill_test(tmp_path, tiny_ckpt, "executorch", "fp32", "et", n)
 
