@@ -9,7 +9,7 @@ Each step runs the real `nima-edge` command in a child process, timed, with the 
 (VmHWM): import, data prepare with the model's tokenizer, GPTQ int4 (group 32, the GGUF Q4_0 block),
 one export per target and scheme, then `nima-edge bench` (50 tokens after a 16-token prompt).
 
-    .venv/bin/python benchmarks/experiments/byo_smollm2.py --corpus ../shared/data/tinyshakespeare.txt \
+    .venv/bin/python benchmarks/experiments/byo_smollm2.py --corpus PATH/TO/tinyshakespeare.txt \
         --work runs/byo-smollm2 --out benchmarks/reports/byo-smollm2-135m
 """
 from __future__ import annotations
