@@ -85,7 +85,7 @@ class Target:
         try:
             return getattr(importlib.import_module(module), name)
         except ModuleNotFoundError as e:
-            if e.name in self.modules or (e.name or "").split(".")[0] in self.modules:
+            if (e.name or "").split(".")[0] in self.modules:  # a missing toolchain, not a bug of ours
                 raise NimaError(f"the {self.name} target needs {e.name}, which is not installed",
                                 f"pip install 'nima-edge[{self.extra}]'") from e
             raise
