@@ -170,7 +170,8 @@ def trained_context_of(path: str | Path, rt) -> int:
 
 
 def evaluate_path(path: str | Path, data_dir: str | Path, split: str = "val", max_windows: int | None = None,
-                  lines: int = COMPLETION_LINES, target: str | None = None, threads: int | None = None) -> dict:
+                  lines: int = COMPLETION_LINES, target: str | None = None, threads: int | None = None,
+                  allow_custom_ops: bool = False) -> dict:
     """Loss, perplexity, bits/char and (lines > 0) completion BLEU / chrF of a checkpoint or artifact.
 
     A checkpoint is scored by the batched PyTorch model (every window unless `max_windows`), an
@@ -187,7 +188,7 @@ def evaluate_path(path: str | Path, data_dir: str | Path, split: str = "val", ma
         rt = targets.get("torch").load("runtime")(model=model, tokenizer=tok)
         context = trained_context(path, model)
     else:
-        rt = load_runtime(path, target, threads=threads)
+        rt = load_runtime(path, target, threads=threads, allow_custom_ops=allow_custom_ops)
         context = trained_context_of(path, rt)
     try:
         data.check_tokenizer(rt.tokenizer, path)

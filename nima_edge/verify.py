@@ -224,7 +224,7 @@ def verify(artifact: Runtime, reference: Runtime, quant: str, vs_fake_quant: boo
 
 
 def verify_artifact(path: str | Path, ckpt: str | Path | None = None, data_dir: str | Path | None = None,
-                    threads: int | None = None, record: bool = True) -> dict:
+                    threads: int | None = None, record: bool = True, allow_custom_ops: bool = False) -> dict:
     """Load the artifact's runtime, pick the reference from its manifest, verify, merge into the manifest."""
     from nima_edge.checkpoint import checkpoint_hash
     from nima_edge.checkpoint import trained_context
@@ -235,7 +235,7 @@ def verify_artifact(path: str | Path, ckpt: str | Path | None = None, data_dir: 
     if not Path(ckpt).is_dir():
         raise NimaError(f"reference checkpoint {ckpt} not found", "pass --reference CKPT (the exported checkpoint)")
     reference, vs_fq = reference_runtime(ckpt, manifest["target"], manifest["quant"])
-    artifact = load_runtime(path, manifest["target"], threads=threads)
+    artifact = load_runtime(path, manifest["target"], threads=threads, allow_custom_ops=allow_custom_ops)
     try:
         # perplexity over the positions the model was trained on (recipes may train shorter windows)
         report = verify(artifact, reference, manifest["quant"], vs_fq, data_dir,

@@ -7,6 +7,7 @@ torch, so a device that only runs models needs none of the export toolchain.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from nima_edge.runtime import Runtime
@@ -18,7 +19,14 @@ def detect_target(path: str | Path) -> str:
     return targets.detect(path)
 
 
-def load_runtime(path: str | Path, target: str | None = None, **options) -> Runtime:
+def load_runtime(path: str | Path, target: str | None = None, *, allow_custom_ops: bool = False,
+                 **options) -> Runtime:
+    """The runtime for `path`. allow_custom_ops lets an artifact load native libraries its own config names
+    (ONNX GenAI's custom_ops_library): off by default, since an artifact is data; runtimes that never load
+    such code ignore it."""
     from nima_edge import targets
     target = target or targets.detect(path)
-    return targets.get(target).load("runtime")(path, **options)
+    cls = targets.get(target).load("runtime")
+    if allow_custom_ops and "allow_custom_ops" in inspect.signature(cls).parameters:
+        options["allow_custom_ops"] = True
+    return cls(path, **options)

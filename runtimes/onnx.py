@@ -47,7 +47,7 @@ class OnnxGenaiRuntime(Runtime):
                 raise NimaError(f"{path / GENAI_CONFIG} asks to load native code ({', '.join(libs)}); an artifact's "
                                 "config is data, so nima-edge does not load libraries it names",
                                 "remove the entry, or if you built that library yourself and trust it, load the "
-                                "runtime with load_runtime(path, allow_custom_ops=True)")
+                                "command with --allow-custom-ops (in Python: load_runtime(path, allow_custom_ops=True))")
             self.context_length = genai["model"]["context_length"]
             config = og.Config(str(path))
             if threads:

@@ -66,3 +66,20 @@ def test_the_onnx_builder_is_the_pinned_version():
 
     from nima_edge.export.onnx import BUILDER_VERSION
     assert metadata.version("onnxruntime-genai") == BUILDER_VERSION
+
+
+def test_the_cli_refuses_a_named_library_and_allow_custom_ops_lets_it_through(cli, tmp_path, char_data):
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"context_length": 32, "decoder": {
+        "filename": "model.onnx", "session_options": {"custom_ops_library": str(tmp_path / "libevil.so")}}}}))
+    for verb, *more in (("generate",), ("eval", "--data", char_data)):
+        code, _, err = cli(verb, tmp_path, "--target", "onnx", *more)
+        assert code == 2 and "native code" in err and "--allow-custom-ops" in err, err
+        code, _, err = cli(verb, tmp_path, "--target", "onnx", "--allow-custom-ops", *more)
+        assert "native code" not in err  # past our check (ORT GenAI then fails on the bare folder)
+
+
+def test_allow_custom_ops_is_ignored_by_runtimes_that_load_no_native_code(tiny_ckpt):
+    from nima_edge.runtimes import load_runtime
+    rt = load_runtime(tiny_ckpt, "torch", allow_custom_ops=True)
+    assert rt.tokenize("To be")
+    rt.close()

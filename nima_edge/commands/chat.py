@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nima_edge.commands.options import Seed, Target, Temperature, Threads, TopK, TopP
+from nima_edge.commands.options import AllowCustomOps, Seed, Target, Temperature, Threads, TopK, TopP
 from nima_edge.sampling import Sampling
 
 HELP = ("commands: /system TEXT sets the system prompt, /reset clears the history, /exit (or Ctrl-D) leaves; "
@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         seed: Seed = None,
         target: Target = None,
         threads: Threads = None,
+        allow_custom_ops: AllowCustomOps = False,
     ):
         """Chat with a model in the terminal; replies stream as they are generated."""
         try:
@@ -36,7 +37,7 @@ def register(app: typer.Typer) -> None:
         from nima_edge.runtimes import load_runtime
 
         out = Console(highlight=False)
-        rt = load_runtime(model, target, threads=threads)
+        rt = load_runtime(model, target, threads=threads, allow_custom_ops=allow_custom_ops)
         convo = Conversation(rt, system, max_new_tokens, Sampling(temperature, top_k, top_p, seed))
         out.print(f"[dim]{model} ({rt.target}, context {rt.context_length} tokens). {HELP}[/]")
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nima_edge.commands.options import Target, Threads
+from nima_edge.commands.options import AllowCustomOps, Target, Threads
 
 
 def register(app: typer.Typer) -> None:
@@ -19,11 +19,12 @@ def register(app: typer.Typer) -> None:
                                                      "(default: all for a checkpoint, 16 for an artifact)"),
               lines: int = typer.Option(100, help="lines completed greedily for BLEU and chrF (0: none)"),
               target: Target = None, threads: Threads = None,
-              json_out: Path = typer.Option(None, "--json", help="also write the figures here")):
+              json_out: Path = typer.Option(None, "--json", help="also write the figures here"),
+              allow_custom_ops: AllowCustomOps = False):
         """Print loss, perplexity, bits per character, and BLEU / chrF of greedy line completions."""
         from nima_edge.evaluate import evaluate_path
         with Console(stderr=True).status(f"evaluating {model}"):
-            r = evaluate_path(model, data, split, windows, lines, target, threads)
+            r = evaluate_path(model, data, split, windows, lines, target, threads, allow_custom_ops=allow_custom_ops)
         out = Console(highlight=False)
         if r.get("quant"):
             out.print(f"fake-quant model ({r['quant']})", markup=False)

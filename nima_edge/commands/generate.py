@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nima_edge.commands.options import Seed, Target, Temperature, Threads, TopK, TopP
+from nima_edge.commands.options import AllowCustomOps, Seed, Target, Temperature, Threads, TopK, TopP
 from nima_edge.sampling import Sampling
 
 
@@ -22,10 +22,11 @@ def register(app: typer.Typer) -> None:
         seed: Seed = None,
         target: Target = None,
         threads: Threads = None,
+        allow_custom_ops: AllowCustomOps = False,
     ):
         """Stream a continuation of the prompt through any runtime."""
         from nima_edge.runtimes import load_runtime
-        rt = load_runtime(model, target, threads=threads)
+        rt = load_runtime(model, target, threads=threads, allow_custom_ops=allow_custom_ops)
         out = Console(highlight=False)
         out.print(prompt, end="")
         for piece in rt.generate(prompt, max_new_tokens, Sampling(temperature, top_k, top_p, seed)):

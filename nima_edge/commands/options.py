@@ -15,4 +15,7 @@ Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: the 
 Target = Annotated[Optional[str], typer.Option(
     help="runtime to use (default: from the artifact's manifest or file type): "
          + " | ".join(targets.names("runtime")))]
+AllowCustomOps = Annotated[bool, typer.Option(
+    "--allow-custom-ops", help="let the artifact load native libraries its config names (ONNX GenAI "
+                               "custom_ops_library); only for libraries you built or trust")]
 Force = Annotated[bool, typer.Option("--force", help="replace an existing --out even though nima-edge did not write it")]

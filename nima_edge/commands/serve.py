@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nima_edge.commands.options import Target, Threads
+from nima_edge.commands.options import AllowCustomOps, Target, Threads
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         profile: str = typer.Option("desktop-cpu", help="benchmark profile whose budget the chat page shows"),
         target: Target = None,
         threads: Threads = None,
+        allow_custom_ops: AllowCustomOps = False,
     ):
         """Serve artifacts over an OpenAI-compatible API (/v1/chat/completions, /v1/completions) with a chat page."""
         from nima_edge.benchmarks.harness import load_profile
@@ -45,4 +46,4 @@ def register(app: typer.Typer) -> None:
         run_server(artifacts, host, port, target, threads, read_api_key(api_key_file), cors_origin, allowed_host,
                    Limits(queue_size, max_body_kb * 1024, max_tokens, max_prompt_tokens),
                    {"tokens": prof.new_tokens, "ms": prof.budget_ms, "profile": prof.name},
-                   say=lambda line: console.print(line, markup=False))
+                   say=lambda line: console.print(line, markup=False), allow_custom_ops=allow_custom_ops)

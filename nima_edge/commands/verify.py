@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from nima_edge.commands.options import AllowCustomOps
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -17,11 +19,12 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(None, help="prepared data directory for the perplexity check"),
         threads: int = typer.Option(None),
         json_out: Path = typer.Option(None, "--json", help="also write the report here"),
+        allow_custom_ops: AllowCustomOps = False,
     ):
         """Compare an artifact with its PyTorch reference; exit 1 when a check fails."""
         from nima_edge.verify import verify_artifact
         with Console(stderr=True).status(f"verifying {artifact}"):
-            report = verify_artifact(artifact, reference, data, threads)
+            report = verify_artifact(artifact, reference, data, threads, allow_custom_ops=allow_custom_ops)
         if json_out:
             json_out.write_text(json.dumps(report, indent=2) + "\n")
         print_report(artifact, report)

@@ -65,7 +65,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(artifacts: list[Path], host: str = "127.0.0.1", port: int = 8000, target: str | None = None,
           threads: int | None = None, api_key: str | None = None, cors_origins: list[str] | None = None,
           allowed_hosts: list[str] | None = None, limits: Limits | None = None, budget: dict | None = None,
-          say: Callable[[str], None] = print) -> None:
+          say: Callable[[str], None] = print, allow_custom_ops: bool = False) -> None:
     import uvicorn
 
     from nima_edge.runtimes import load_runtime
@@ -77,7 +77,7 @@ def serve(artifacts: list[Path], host: str = "127.0.0.1", port: int = 8000, targ
     runtimes = {}
     try:
         for name, path in zip(names, artifacts):
-            runtimes[name] = load_runtime(path, target, threads=threads)
+            runtimes[name] = load_runtime(path, target, threads=threads, allow_custom_ops=allow_custom_ops)
     except BaseException:
         for rt in runtimes.values():
             rt.close()
