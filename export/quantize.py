@@ -82,9 +82,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, bits: int = 4, group_
             raise NimaError(f"cannot calibrate on {samples} windows of {length} tokens",
                             "use e.g. --samples 64 --calib-length 256")
         data = TokenData(data_dir)
-        if data.tokenizer.hf.get_vocab() != tok.hf.get_vocab():
-            raise NimaError(f"the data in {data_dir} was tokenized with another tokenizer than {ckpt}",
-                            "pass the data directory the checkpoint was trained on")
+        data.check_tokenizer(tok, ckpt)
         length = min(length, checkpoint.trained_context(ckpt, model))
         calib = calibration_windows(data, samples, length, seed)
         info.update(calibration={"data": str(data_dir), "samples": samples, "length": length, "seed": seed,

@@ -119,8 +119,11 @@ def test_a_validation_split_shorter_than_the_context_is_refused_before_training(
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
-def test_eval_and_verify_with_data_from_another_tokenizer(cli, tiny_ckpt, bpe_data, tmp_path):
+def test_eval_quantize_and_verify_with_data_from_another_tokenizer(cli, tiny_ckpt, bpe_data, tmp_path):
     one_line_error(cli("eval", tiny_ckpt, "--data", bpe_data, "--lines", 0), "different tokenizer")
+    one_line_error(cli("quantize", tiny_ckpt, "--out", tmp_path / "q", "--data", bpe_data, "--samples", 2),
+                   "different tokenizer")
+    assert not (tmp_path / "q").exists()
     pytest.importorskip("gguf")
     art = tmp_path / "t.gguf"
     assert cli("export", tiny_ckpt, "--target", "gguf", "--out", art)[0] == 0

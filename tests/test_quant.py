@@ -220,7 +220,7 @@ def test_corrupt_result_is_a_clear_error(quantized, tmp_path):
 
 
 def test_gptq_needs_matching_calibration_data(tiny_ckpt, bpe_data, tmp_path):
-    with pytest.raises(NimaError, match="another tokenizer"):
+    with pytest.raises(NimaError, match="different tokenizer"):
         quantize_checkpoint(tiny_ckpt, tmp_path / "x", 4, 32, "gptq", bpe_data, samples=2, length=32)
     with pytest.raises(NimaError, match="calibration"):
         quantize_checkpoint(tiny_ckpt, tmp_path / "x", 4, 32, "gptq", None)
