@@ -122,6 +122,42 @@ def test_train_survives_sigkill_and_resumes(tmp_path, char_data, n):
         assert state["progress"]["step"] <= 240
 
 
+# A child that trains like `nima-edge train`, but SIGKILLs itself in the middle of deleting the old copy
+# of OUT/last (atomic_dir's cleanup after the swap): half of that copy's files are gone when it dies.
+DIE_IN_CLEANUP = """
+import os, signal, sys
+from pathlib import Path
+from nima_edge import atomic
+
+class DyingShutil:
+    def rmtree(self, path, ignore_errors=False):
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        for f in files[: len(files) // 2]:
+            f.unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+atomic.shutil = DyingShutil()  # atomic's own deletions only
+sys.argv = ["nima-edge", *sys.argv[1:]]
+from nima_edge.cli import main
+main()
+"""
+
+
+def test_train_resumes_after_a_kill_during_the_cleanup_of_the_old_checkpoint(tmp_path, char_data):
+    out = tmp_path / "run"
+    args = ("train", "--data", char_data, "--out", out, *TRAIN[:2], "--steps", 120, *TRAIN[4:])  # saves every 40
+    died = subprocess.run([sys.executable, "-c", DIE_IN_CLEANUP, *map(str, args)], capture_output=True, text=True)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    trash = [p for p in out.iterdir() if p.name.startswith(".last.nima-")]
+    assert trash, "the kill did not land in the cleanup of the old copy"
+    state = checkpointing.read_state(check_run_loads(out, "kill in cleanup"))
+    assert state["progress"]["step"] > 0  # the new copy is complete and is the one read
+    resumed = run("train", "--data", char_data, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint.read_meta(out)["training"]["steps"] == 120
+    assert leftovers(out) == [], "the half-deleted old copy was not cleaned up"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_or_sigterm_saves_a_resumable_checkpoint(tmp_path, char_data, sig):
     out = tmp_path / "run"
