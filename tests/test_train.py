@@ -126,9 +126,11 @@ def test_gradient_clipping_bounds_the_step(char_data, tmp_path):
     assert moved[1e-12] < 1e-5
 
 
-def test_resume_equals_uninterrupted(char_data, tmp_path):
-    """train 12 == train, crash at 9 (last checkpoint at 8), resume to 12; with dropout, so RNG state matters."""
-    cfg = tiny(max_steps=12, dropout=0.1, eval_every=3, checkpoint_every=4)
+@pytest.mark.parametrize("windows", [{}, {"short_context": 8, "short_fraction": 0.75}], ids=["full", "short-then-long"])
+def test_resume_equals_uninterrupted(char_data, tmp_path, windows):
+    """train 12 == train, crash at 9 (last checkpoint at 8), resume to 12; with dropout, so RNG state matters.
+    With short windows for steps 0-8 the resume starts in the short part and crosses into the long one."""
+    cfg = tiny(max_steps=12, dropout=0.1, eval_every=3, checkpoint_every=4, **windows)
     train(char_data, tmp_path / "straight", cfg, **QUIET)
 
     class Crash(Exception):
@@ -253,6 +255,22 @@ def test_kill_9_leaves_a_resumable_checkpoint(char_data, tmp_path):
     assert summary["steps"] == step + 2
 
 
+def test_short_windows_then_the_full_context_with_the_same_tokens_per_step():
+    from nima_edge.train.trainer import window_at
+    cfg = tiny(context=32, short_context=8, short_fraction=0.5, max_steps=4)
+    assert [(w.context, w.batch_size) for w in (window_at(cfg, s, 0.0) for s in range(4))] == \
+        [(8, 32), (8, 32), (32, 8), (32, 8)]
+    timed = tiny(context=32, short_context=8, short_fraction=0.5, schedule_clock="time", max_seconds=10.0)
+    assert window_at(timed, 99, 4.9).context == 8 and window_at(timed, 0, 5.0).context == 32
+    assert window_at(tiny(), 0, 0.0).context == 32  # off by default
+
+
+def test_short_windows_reach_the_model(baseline_run, char_data, tmp_path):
+    train(char_data, tmp_path / "short", tiny(max_steps=3, short_context=8, short_fraction=0.5), **QUIET)
+    a, b = weights(tmp_path / "short" / "last"), weights(baseline_run / "last")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- recipes -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", recipe.bundled_recipes())
@@ -272,6 +290,9 @@ def test_bundled_recipes_load(name):
     ("[model]\ncontext = 4096\n", r"exceeds the nima-1m context"),
     ("[schedule]\nschedule_clock = \"time\"\n", r"needs a wall-clock budget"),
     ("[optimizer\nlr = 1\n", r"not valid TOML"),
+    ("[model]\ncontext = 256\nshort_context = 100\nshort_fraction = 0.5\n", r"must divide context \(256\)"),
+    ("[model]\nshort_fraction = 0.5\n", r"needs a short_context"),
+    ("[model]\ncontext = 256\nshort_context = 64\n", r"short_fraction = 0.0 must be in \(0, 1\)"),
 ])
 def test_bad_recipes_name_the_problem(tmp_path, text, message):
     path = tmp_path / "bad.toml"

@@ -212,6 +212,9 @@ class FinetuneJob(Job):
 
     # data: the source's
     def check(self, cfg: TrainConfig) -> None:
+        if cfg.short_context:  # packed conversations are cut at one context; a second packing is not built
+            raise NimaError("short_context applies to pretraining, not to fine-tuning",
+                            "set short_context = 0 in the fine-tune recipe")
         if cfg.context > self.base.config.max_position_embeddings:
             raise NimaError(f"context {cfg.context} exceeds the model's {self.base.config.max_position_embeddings}",
                             f"use --context {self.base.config.max_position_embeddings} or less")

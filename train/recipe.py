@@ -2,7 +2,7 @@
 
 A recipe groups the settings into sections; every key is a `TrainConfig` field:
 
-    [model]     preset, dropout, context
+    [model]     preset, dropout, context, short_context, short_fraction
     [optimizer] optimizer, lr, min_lr, beta1, beta2, weight_decay, grad_clip
     [schedule]  schedule, warmup_steps, restart_steps, restart_mult, schedule_clock
     [batch]     batch_size, grad_accum
@@ -36,6 +36,12 @@ class TrainConfig:
     preset: str = "nima-1m"
     dropout: float = 0.0
     context: int = 128
+    # Short-then-long windows: for the first short_fraction of the run (by the schedule's clock), train
+    # windows of short_context tokens, context / short_context times as many per step (the same tokens per
+    # step), then every position of `context`. Short windows are cheaper per token (attention) and give
+    # more, less correlated rows early on; the last part trains the positions the model is used at.
+    short_context: int = 0  # 0 = always `context`
+    short_fraction: float = 0.0
     optimizer: str = "adamw"
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -101,6 +107,14 @@ class TrainConfig:
         if self.schedule_clock == "time" and self.schedule != "cosine":
             bad("schedule_clock", f"applies only to schedule = \"cosine\", not {self.schedule!r}",
                 "use schedule_clock = \"steps\" with this schedule")
+        if self.short_context:
+            if not 1 <= self.short_context < self.context or self.context % self.short_context:
+                bad("short_context", f"must divide context ({self.context}) and be shorter",
+                    f"e.g. short_context = {max(self.context // 4, 1)}, or 0 for none")
+            if not 0 < self.short_fraction < 1:
+                bad("short_fraction", "must be in (0, 1) with a short_context", "e.g. short_fraction = 0.7")
+        elif self.short_fraction:
+            bad("short_fraction", "needs a short_context", "set short_context too, or short_fraction = 0")
         max_ctx = PRESETS.get(self.preset, {}).get("max_position_embeddings", self.context)
         if self.context > max_ctx:
             bad("context", f"exceeds the {self.preset} context of {max_ctx}", f"use context <= {max_ctx}")
@@ -111,7 +125,7 @@ class TrainConfig:
 
 
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "model": ("preset", "dropout", "context"),
+    "model": ("preset", "dropout", "context", "short_context", "short_fraction"),
     "optimizer": ("optimizer", "lr", "min_lr", "beta1", "beta2", "weight_decay", "grad_clip"),
     "schedule": ("schedule", "warmup_steps", "restart_steps", "restart_mult", "schedule_clock"),
     "batch": ("batch_size", "grad_accum"),

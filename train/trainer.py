@@ -11,6 +11,7 @@ a prepared corpus) here; fine-tuning (train/finetune.py) brings its own job to t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import signal
@@ -302,9 +303,11 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
                 for group in opt.param_groups:
                     group["lr"] = lr
                 job.before_step(model, cfg, progress)
-                items = job.draw(cfg, step)
+                window = window_at(cfg, step, elapsed)
+                micro = window.batch_size // per_step
+                items = job.draw(window, step)
                 mine = items[dist.rank * micro * cfg.grad_accum:(dist.rank + 1) * micro * cfg.grad_accum]
-                batches = [job.rows(cfg, mine[m * micro:(m + 1) * micro]) for m in range(cfg.grad_accum)]
+                batches = [job.rows(window, mine[m * micro:(m + 1) * micro]) for m in range(cfg.grad_accum)]
                 train_loss, grad_norm = _optimizer_step(net, opt, scaler, autocast, batches, params, cfg.grad_clip,
                                                         dist, dev)
                 session_train_s += time.monotonic() - t_step
@@ -376,6 +379,19 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
 
 def _count(model: torch.nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def window_at(cfg: TrainConfig, step: int, elapsed: float) -> TrainConfig:
+    """The settings step `step` draws its batch with: during the short-window part of the run, windows of
+    short_context and proportionally more of them (a pure function of the step and the clock, so a resume
+    draws the same batches); otherwise `cfg` itself."""
+    if not cfg.short_context:
+        return cfg
+    frac = elapsed / cfg.max_seconds if cfg.schedule_clock == "time" else step / cfg.max_steps
+    if frac >= cfg.short_fraction:
+        return cfg
+    return dataclasses.replace(cfg, context=cfg.short_context,
+                               batch_size=cfg.batch_size * (cfg.context // cfg.short_context))
 
 
 def run_fraction(progress: dict, cfg: TrainConfig) -> float:

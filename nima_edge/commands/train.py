@@ -23,6 +23,9 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(None, help="global windows per optimizer step"),
         grad_accum: int = typer.Option(None, help="micro-batches per step and process"),
         context: int = typer.Option(None, help="training window length in tokens"),
+        short_context: int = typer.Option(None, help="train shorter windows (same tokens per step) for the first "
+                                                     "--short-fraction of the run; 0 = never"),
+        short_fraction: float = typer.Option(None, help="part of the run (by the schedule's clock) on short windows"),
         lr: float = typer.Option(None, help="peak learning rate"),
         optimizer: str = typer.Option(None, help="adamw | lion"),
         dropout: float = typer.Option(None),
@@ -52,7 +55,8 @@ def register(app: typer.Typer) -> None:
         if threads:
             torch.set_num_threads(threads)
         overrides = dict(preset=preset, max_steps=steps, max_seconds=minutes * 60 if minutes else None,
-                         batch_size=batch_size, grad_accum=grad_accum, context=context, lr=lr, optimizer=optimizer,
+                         batch_size=batch_size, grad_accum=grad_accum, context=context,
+                         short_context=short_context, short_fraction=short_fraction, lr=lr, optimizer=optimizer,
                          dropout=dropout, precision=precision, device=device, patience=patience,
                          eval_every=eval_every, mlflow=mlflow)
         given = {k: v for k, v in overrides.items() if v is not None}
