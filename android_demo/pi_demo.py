@@ -29,6 +29,7 @@ from pathlib import Path
 # Copies of runtimes/onnx_portable_format.py's names (tests/test_pi_demo.py holds them equal): the
 # board has no nima-edge to import them from.
 ONNX_META_TOKENIZER, ONNX_META_CONFIG = "nima.tokenizer", "nima.config"
+ONNX_META_TOKENIZER_SETTINGS = "nima.tokenizer.settings"  # bos/eos tokens and end ids (imported models differ)
 # ONNX Runtime's int8-activation MatMulNBits path: what nima-edge's runtime (and so verify) uses.
 ONNX_ACCURACY_LEVEL = "4"
 
@@ -93,6 +94,14 @@ class ExecuTorchBackend(LogitsBackend):
         program = Runtime.get().load_program(pte)
         self._forward = program.load_method("forward")
         self._max_seq_len = int(program.load_method("get_max_seq_len").execute([])[0])
+        # Whether the model expects BOS in front: tokenizer_config.json's add_bos_token, written by the
+        # exporter from the checkpoint's tokenizer (nima models: yes; many imported ones, e.g. SmolLM2: no).
+        # The runner's tokenizer adds none by itself, so it is asked for num_bos of them.
+        try:
+            settings = json.loads((model_dir / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            settings = {}
+        self._num_bos = int(bool(settings.get("add_bos_token", True)))
 
     def logits(self, ids, start):
         torch = self._torch
@@ -103,9 +112,9 @@ class ExecuTorchBackend(LogitsBackend):
 
     def generate(self, prompt: str, tokens: int) -> tuple[str, int, float]:
         pieces, stats = [], []
-        # num_bos=1: the runner's tokenizer does not apply tokenizer.json's BOS template by itself.
         # warming=True keeps the runner from printing tokens and its report to stdout (we print).
-        config = self._config(echo=False, max_new_tokens=tokens, temperature=0.0, num_bos=1, warming=True)
+        config = self._config(echo=False, max_new_tokens=tokens, temperature=0.0, num_bos=self._num_bos,
+                              warming=True)
         self.runner.reset()
         start = time.perf_counter()
         self.runner.generate(prompt, config, token_callback=pieces.append, stats_callback=stats.append)
@@ -167,7 +176,8 @@ class OnnxBackend(LogitsBackend):
         if ONNX_META_TOKENIZER not in meta:
             unusable(f"error: {path} carries no nima-edge metadata\n  fix: nima-edge export CKPT --target onnx-portable")
         self.tokenizer, cfg = Tokenizer.from_str(meta[ONNX_META_TOKENIZER]), json.loads(meta[ONNX_META_CONFIG])
-        self.eos = self.tokenizer.token_to_id("<|eos|>")
+        settings = json.loads(meta.get(ONNX_META_TOKENIZER_SETTINGS, "{}"))
+        self.eos = set(settings.get("eos_token_ids") or [self.tokenizer.token_to_id("<|eos|>")])
         self.np = np
         self.cache_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self.cache_names]
@@ -190,7 +200,8 @@ class OnnxBackend(LogitsBackend):
         start = time.perf_counter()
         out = self.greedy_ids(ids, tokens)
         elapsed = time.perf_counter() - start
-        shown = out[:out.index(self.eos)] if self.eos in out else out  # every token was computed and timed
+        end = next((i for i, t in enumerate(out) if t in self.eos), len(out))
+        shown = out[:end]  # every token was computed and timed
         return self.tokenizer.decode(shown), len(out), elapsed
 
 

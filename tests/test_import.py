@@ -107,6 +107,10 @@ def test_gguf_f32_verifies(byo, gguf_f32):
     assert report["passed"], report["checks"]
 
 
+def test_the_board_demo_writes_what_our_runtime_writes(byo, gguf_f32):
+    assert device_text(gguf_f32) == our_text(gguf_f32)
+
+
 def test_chat_on_gguf_uses_the_checkpoints_template(byo, gguf_f32):
     """llama-cpp-python's Jinja formatter, reading the GGUF's template, renders what our chat renders."""
     import gguf
@@ -178,8 +182,28 @@ def test_every_target_exports_and_verifies(byo, target, quant, tmp_path):
     assert report["tokenizer"]["mismatches"] == []
     if quant in ("f32", "fp32"):
         assert report["passed"], report["checks"]
+        if target != "onnx":  # the board-side demo writes what our runtime writes (BOS, end tokens: the model's)
+            assert device_text(artifact) == our_text(artifact)
     else:  # random weights give flat distributions: quantization flips their near-ties, so top-1/KL
         assert report["checks"]["logits"], report  # agreement says nothing here; trained models are verified
+
+
+def device_text(artifact: Path, prompt: str = "ROMEO:", tokens: int = 12) -> str:
+    demo = Path(__file__).resolve().parents[1] / "android_demo" / "pi_demo.py"
+    proc = subprocess.run([sys.executable, str(demo), str(artifact), "--prompt", prompt, "--tokens", str(tokens),
+                           "--runs", "1", "--threads", "2", "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["text"]
+
+
+def our_text(artifact: Path, prompt: str = "ROMEO:", tokens: int = 12) -> str:
+    from nima_edge.runtimes import load_runtime
+    from nima_edge.sampling import Sampling
+    rt = load_runtime(artifact)
+    try:
+        return "".join(rt.generate(prompt, tokens, Sampling(0.0, 0, 1.0, None)))
+    finally:
+        rt.close()
 
 
 @pytest.mark.parametrize("byo", ["tinyllama"], indirect=True)  # the command itself once is enough

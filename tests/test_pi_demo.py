@@ -109,7 +109,8 @@ def test_pi_demo_mirrors_the_runtime():
     from nima_edge.runtimes.onnx_portable import OnnxPortableRuntime
     demo = {}
     exec(compile("\n".join(ln for ln in DEMO.read_text().splitlines() if ln.startswith("ONNX_")), str(DEMO), "exec"), demo)
-    assert (demo["ONNX_META_TOKENIZER"], demo["ONNX_META_CONFIG"]) == (fmt.META_TOKENIZER, fmt.META_CONFIG)
+    assert (demo["ONNX_META_TOKENIZER"], demo["ONNX_META_CONFIG"], demo["ONNX_META_TOKENIZER_SETTINGS"]) == \
+        (fmt.META_TOKENIZER, fmt.META_CONFIG, fmt.META_TOKENIZER_SETTINGS)
     default = inspect.signature(OnnxPortableRuntime).parameters["accuracy_level"].default
     assert demo["ONNX_ACCURACY_LEVEL"] == str(default)
 

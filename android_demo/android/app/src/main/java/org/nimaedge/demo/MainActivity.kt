@@ -7,6 +7,7 @@ import android.widget.EditText
 import android.widget.TextView
 import androidx.appcompat.app.AppCompatActivity
 import java.io.File
+import org.json.JSONObject
 import java.util.concurrent.ExecutorService
 import java.util.concurrent.Executors
 import org.pytorch.executorch.extension.llm.LlmCallback
@@ -27,10 +28,13 @@ class MainActivity : AppCompatActivity() {
         const val MODEL_DIR = "/data/local/tmp/nima"
         const val NEW_TOKENS = 50
         const val BUDGET_MS = 100.0
-        // nima models are trained with BOS (id 0) in front of every window; the runner's tokenizer
-        // adds it only when asked (numBos), as pi_demo.py's GenerationConfig(num_bos=1) does.
-        const val NUM_BOS = 1
     }
+
+    // Whether the model expects BOS in front of the prompt: tokenizer_config.json's add_bos_token, which
+    // the exporter writes from the checkpoint's tokenizer (nima models: yes; many imported ones, e.g.
+    // SmolLM2: no). The runner's tokenizer adds none by itself, so it is asked for numBos of them, as
+    // pi_demo.py does. Without the file (an older export): 1, what nima models need.
+    private var numBos = 1
 
     private val worker: ExecutorService = Executors.newSingleThreadExecutor()
     private var module: LlmModule? = null
@@ -84,6 +88,13 @@ class MainActivity : AppCompatActivity() {
                 "this app's AAR (see README).")
             return
         }
+        numBos = try {
+            if (JSONObject(File(MODEL_DIR, "tokenizer_config.json").readText()).optBoolean("add_bos_token", true)) 1 else 0
+        } catch (e: java.io.IOException) {
+            1
+        } catch (e: org.json.JSONException) {
+            1
+        }
         val loaded = "Loaded ${pte.name} in ${SystemClock.elapsedRealtime() - start} ms"
         show(status, "$loaded\nSelf-check…")
         val check = try {
@@ -123,11 +134,11 @@ class MainActivity : AppCompatActivity() {
             }
             // seqLen bounds prompt + new tokens; byte-level tokenizers use at most one token per byte,
             // so this always leaves room for NEW_TOKENS (the callback stops at exactly NEW_TOKENS).
-            val seqLen = (NUM_BOS + text.toByteArray().size + NEW_TOKENS + 1)
+            val seqLen = (numBos + text.toByteArray().size + NEW_TOKENS + 1)
             m.resetContext()
             val error = try {
-                // temperature 0 (greedy), no echo of the prompt, BOS in front, no EOS appended
-                m.generate(text, seqLen, callback, false, 0.0f, NUM_BOS, 0)
+                // temperature 0 (greedy), no echo of the prompt, the model's BOS, no EOS appended
+                m.generate(text, seqLen, callback, false, 0.0f, numBos, 0)
                 null
             } catch (e: RuntimeException) {
                 e.message
