@@ -133,8 +133,8 @@ def add_rope_scaling(w: gguf.GGUFWriter, cfg) -> np.ndarray | None:
         w.add_rope_scaling_factor(float(scaling["factor"]))
         return None
     if kind == "llama3":
-        from nima_edge.importer.gguf import LLAMA3_DEFAULTS, llama3_factors
-        return llama3_factors(cfg.head_dim, cfg.rope_theta, {**LLAMA3_DEFAULTS, **scaling})
+        from nima_edge.model import rope_factors
+        return rope_factors(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).numpy()
     raise NimaError(f"rope scaling {kind!r} has no GGUF export in nima-edge (linear and llama3 do)",
                     "export this model to onnx, onnx-portable or executorch")
 

@@ -39,9 +39,17 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """RoPE's inverse frequencies [head_dim / 2], with the config's scaling (HF's rope init functions)."""
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    scaling = cfg.rope_scaling
+    return scaled_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+
+def rope_factors(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """How much the scaling slows each frequency (1 = unchanged): llama.cpp's `rope_freqs` tensor, which
+    the GGUF exporter writes and the GGUF importer reads back into a rope_scaling."""
+    return scaled_inv_freq(head_dim, theta, None) / scaled_inv_freq(head_dim, theta, scaling)
+
+
+def scaled_inv_freq(hd: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     if scaling is None:
         return inv_freq
     if scaling["rope_type"] == "linear":

@@ -9,7 +9,6 @@ the quantization error stays in the weights, and nima-edge can quantize again fr
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -23,7 +22,7 @@ from nima_edge.config import ModelConfig
 from nima_edge.errors import NimaError
 from nima_edge.importer.build import build_model
 from nima_edge.importer.gguf_vocab import tokenizer_from_gguf
-from nima_edge.model import NimaForCausalLM
+from nima_edge.model import NimaForCausalLM, rope_factors
 from nima_edge.tokenizer import Tokenizer
 
 FIX = "check the file (a partial download looks like this), or import the Hugging Face model directory instead"
@@ -48,25 +47,6 @@ def read(path: Path):
     return reader, meta
 
 
-def llama3_factors(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
-    """llama.cpp's rope_freqs tensor for a llama3 rope_scaling (convert_hf_to_gguf.py's formula; the
-    original context comes from rope_scaling, as transformers reads it)."""
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old = scaling["original_max_position_embeddings"]
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    out = []
-    for freq in freqs.tolist():
-        wavelen = 2 * math.pi / freq
-        if wavelen < old / high:
-            out.append(1.0)
-        elif wavelen > old / low:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
-
-
 def float32_decimal(value: float) -> float:
     """GGUF stores eps/theta as float32: 1e-5 reads back as 9.99999974e-06; the shortest decimal that
     rounds to the same float32 is the number the config had."""
@@ -80,7 +60,7 @@ def rope_scaling(meta: dict, tensors: dict, head_dim: int, theta: float, path: P
     if "rope_freqs.weight" in tensors:
         factors = tensors["rope_freqs.weight"].reshape(-1)
         scaling = {"rope_type": "llama3", "factor": float32_decimal(factors.max()), **LLAMA3_DEFAULTS}
-        if not np.allclose(llama3_factors(head_dim, theta, scaling), factors, rtol=1e-5, atol=1e-6):
+        if not np.allclose(rope_factors(head_dim, theta, scaling).numpy(), factors, rtol=1e-5, atol=1e-6):
             raise NimaError(f"{path}: its rope_freqs tensor is not a llama3 rope scaling with the usual "
                             "thresholds (low 1, high 4, original context 8192)",
                             "import the Hugging Face model directory instead (its config.json is exact)")
