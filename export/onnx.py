@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from nima_edge import checkpoint
 from nima_edge.atomic import atomic_dir
 from nima_edge.errors import NimaError
-from nima_edge.export.onnx_weights import concat_rows, quant_result, set_nodes
+from nima_edge.export.onnx_weights import concat_rows, plan_substitutions, quant_result, set_nodes
 from nima_edge.export.packing import pack_matmul_nbits
 from nima_edge.quantization import QuantizedWeight
 from nima_edge.manifest import write_manifest
@@ -167,7 +167,8 @@ def export(ckpt: Path, out: Path, quant: str = "f32", group_size: int = DEFAULT_
             first = next(iter(qweights.values()))
             extra = {"matmulnbits": {"nodes": count, "bits": first.bits, "block_size": first.group_size,
                                      "symmetric": first.symmetric, "method": first.method,
-                                     "accuracy_level": accuracy_level}}
+                                     "accuracy_level": accuracy_level},
+                     "substitutions": plan_substitutions(ckpt, model, qweights, group_size)}
         check_loads(tmp / MODEL_FILE)
         genai = json.loads((tmp / GENAI_CONFIG).read_text())
         write_manifest(tmp, TARGET, quant, ckpt, builder="onnxruntime_genai.models.builder fp32 cpu",

@@ -22,9 +22,9 @@ from onnx import helper, numpy_helper, version_converter
 from nima_edge import checkpoint
 from nima_edge.atomic import temp_file
 from nima_edge.errors import NimaError
-from nima_edge.export.onnx_weights import blocked_dq_tensors, quant_result, set_nodes
+from nima_edge.export.onnx_weights import blocked_dq_tensors, plan_substitutions, quant_result, set_nodes
 from nima_edge.config import check_context
-from nima_edge.quantization import QuantizedWeight, apply_quant, result_plan, substitutions
+from nima_edge.quantization import QuantizedWeight, apply_quant
 from nima_edge.manifest import publish_file
 from nima_edge.runtimes.onnx_portable_format import (META_CONFIG, META_QUANT, META_TOKENIZER, META_TOKENIZER_SETTINGS,
                                                      io_names)
@@ -151,8 +151,7 @@ def build(ckpt: Path, quant: str, group_size: int = DEFAULT_GROUP,
     info = {"max_context": check_context(model.config, context)}
     qweights = quant_result(ckpt, model, quant, TARGET, group_size)
     if qweights:
-        requested = checkpoint.read_meta(ckpt).get("quantization", {}).get("group_size", group_size)
-        info["substitutions"] = substitutions(result_plan(model, qweights), requested)
+        info["substitutions"] = plan_substitutions(ckpt, model, qweights, group_size)
         apply_quant(model, qweights)  # the traced graph then holds exactly dequantize().T per linear
     proto = _trace(model)
     if qweights:

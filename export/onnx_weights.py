@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nima_edge import checkpoint
 from nima_edge.errors import NimaError
-from nima_edge.quantization import QuantizedWeight, load_quant, rtn_model
+from nima_edge.quantization import QuantizedWeight, load_quant, result_plan, rtn_model, substitutions
 from nima_edge.model import NimaForCausalLM
 
 QUANTS = {"f32": None, "int8": 8, "int4": 4}
@@ -42,6 +43,14 @@ def quant_result(ckpt: Path, model: NimaForCausalLM, quant: str, target: str,
                         f"but --quant {quant} asks for {bits}-bit",
                         f"export with --quant int{min(found)}, or re-run nima-edge quantize --bits {bits}")
     return result
+
+
+def plan_substitutions(ckpt: Path, model: NimaForCausalLM, qweights: dict[str, QuantizedWeight],
+                       default_group: int) -> list[dict]:
+    """The tensors of `qweights` that did not get the requested group (the checkpoint's quantize --group,
+    else the exporter's), for the manifest: a smaller group, or left float."""
+    requested = checkpoint.read_meta(ckpt).get("quantization", {}).get("group_size", default_group)
+    return substitutions(result_plan(model, qweights), requested)
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:

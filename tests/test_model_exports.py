@@ -70,6 +70,14 @@ def test_onnx_portable_exports_the_model_and_records_context_and_plan(llama_ckpt
     assert np.abs(rt4.prefill(ids) - fq.prefill(ids)).max() < INT8_ACTIVATION_TOL
 
 
+def test_onnx_genai_records_the_plan_substitutions(llama_ckpt, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    int4 = export(llama_ckpt, "onnx", tmp_path / "genai", "int4", group_size=128)
+    manifest = read_manifest(int4)
+    assert {s["instead"] for s in manifest["substitutions"]} == {"group 64"}  # 192 and 320 wide inputs
+    assert all(s["requested_group"] == 128 for s in manifest["substitutions"])
+
+
 @pytest.mark.slow  # one more XNNPACK lowering: minutes on a busy 2-core machine; test_executorch.py covers the seams
 def test_executorch_exports_the_model_with_the_context_asked(llama_ckpt, tmp_path):
     pytest.importorskip("executorch")
