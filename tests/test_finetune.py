@@ -343,3 +343,29 @@ def test_cli_finetune_then_quantize_qat(tiny_ckpt, chat_file, qat_run, tmp_path)
     q = cli("quantize", qat_run, "--method", "qat", "--out", tmp_path / "q4")
     assert q.returncode == 0, q.stderr
     assert "4-bit qat, group 32" in q.stdout
+
+
+def test_qat_follows_the_quantize_group_plan(tmp_path):
+    """int4-g128 on widths 128 does not divide: the linears train (and quantize) at group 64, and the one no
+    group divides stays float in both; the result is still the trained forward, bit for bit."""
+    from nima_edge.config import ModelConfig
+    from nima_edge.model import NimaForCausalLM
+    from nima_edge.quantization import load_quant
+    from nima_edge.tokenizer import train_tokenizer
+    torch.manual_seed(0)
+    model = NimaForCausalLM(ModelConfig(vocab_size=262, hidden_size=192, intermediate_size=80, num_hidden_layers=2,
+                                        num_attention_heads=3, num_key_value_heads=1))
+    scheme = qat.parse("int4-g128")
+    ckpt = checkpoint.save(tmp_path / "ck", model, train_tokenizer("char"), meta={"qat": scheme.to_dict()})
+    qat.enable(model, scheme)
+    fake = {n: m.qat.group_size for n, m in model.named_modules() if isinstance(m, qat.FakeQuantLinear)}
+    assert set(fake.values()) == {64} and len(fake) == 12 and not any("down_proj" in n for n in fake)
+    quantized = qat.quantize_checkpoint(ckpt, tmp_path / "q")
+    result = load_quant(quantized)
+    assert {q.group_size for q in result.values()} == {64} and len(result) == 12
+    doc = json.loads((quantized / "quantization.json").read_text())
+    assert doc["group_size"] == 128 and len(doc["substitutions"]) == 14
+    reference, _ = checkpoint.fake_quant_model(quantized)
+    x = torch.randint(0, 262, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], reference(x)[0])

@@ -12,7 +12,9 @@ Schemes (`--qat`):
   quantized fully-connected kernels do at run time (XNNPACK's rule, as torch's reference ops
   quantized_decomposed.choose_qparams_per_token_asymmetric / quantize_per_token compute it).
 
-Embeddings, lm_head and norms stay float, as in the quantization core. The fake-quant forward is
+Embeddings, lm_head and norms stay float, as in the quantization core, and each linear gets the group
+of the quantization core's group plan (a smaller group where the scheme's does not divide its width,
+float where none does), so the trained grid is the one `quantize` would use. The fake-quant forward is
 switched on in place (the Linear's class becomes FakeQuantLinear: same parameters, same names, so
 checkpoints and optimizer state are untouched) for the last part of a run (finetune.py decides when).
 """
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from nima_edge import checkpoint
 from nima_edge.errors import NimaError
-from nima_edge.quantization import check_params, check_width, grid, quantizable, quantize_codes, rtn
+from nima_edge.quantization import check_params, grid, group_plan, quantizable, quantize_codes, rtn, substitutions
 
 SCHEMES_HELP = "int4-g32 | int4-g64 | int4-g128 | int8-g32 ... | 8da4w | 8da4w-g128"
 _PATTERN = re.compile(r"^(?:int(?P<bits>[48])-g(?P<group>\d+)|8da4w(?:-g(?P<dgroup>\d+))?)$")
@@ -112,14 +114,15 @@ def check_model(model: torch.nn.Module, scheme: QatScheme) -> None:
     if not linears:
         raise NimaError("the model has no plain decoder linears to fake-quantize (LoRA wraps them)",
                         "QAT trains the weights that get quantized: use it with full fine-tuning (--full)")
-    for name, m in linears.items():
-        check_width(name, m.weight, scheme.group_size)
 
 
 def enable(model: torch.nn.Module, scheme: QatScheme) -> None:
-    for m in quantizable(model).values():
+    groups = group_plan(model, scheme.group_size)
+    for name, m in quantizable(model).items():
+        if groups[name] is None:
+            continue  # no supported group divides its width: it stays float, in quantize as here
         m.__class__ = FakeQuantLinear  # same parameters and names: only forward changes
-        m.qat = scheme
+        m.qat = replace(scheme, group_size=groups[name])
 
 
 def disable(model: torch.nn.Module) -> None:
@@ -153,8 +156,10 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
         raise NimaError(f"--out {out} is the input checkpoint", "write the quantized checkpoint to a new directory")
     model, tok = checkpoint.load(ckpt)
     check_model(model, scheme)
-    result = {name: replace(rtn(m.weight, scheme.bits, scheme.group_size), method="qat")
-              for name, m in quantizable(model).items()}
-    info = {"source": str(ckpt), "source_sha256": checkpoint.checkpoint_hash(ckpt), "qat": scheme.to_dict()}
+    groups = group_plan(model, scheme.group_size)
+    result = {name: replace(rtn(m.weight, scheme.bits, groups[name]), method="qat")
+              for name, m in quantizable(model).items() if groups[name]}
+    info = {"source": str(ckpt), "source_sha256": checkpoint.checkpoint_hash(ckpt), "qat": scheme.to_dict(),
+            "group_size": scheme.group_size, "substitutions": substitutions(groups, scheme.group_size)}
     meta = {k: v for k, v in checkpoint.read_meta(ckpt).items() if k != "quantization"}
     return checkpoint.save_quantized(out, model, tok, result, meta, info)
