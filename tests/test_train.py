@@ -265,6 +265,12 @@ def test_short_windows_then_the_full_context_with_the_same_tokens_per_step():
     assert window_at(tiny(), 0, 0.0).context == 32  # off by default
 
 
+def test_a_context_override_below_the_recipes_short_windows_trains_plain_windows():
+    cfg = recipe.build_config("nima-1m", {"context": 64})
+    assert (cfg.context, cfg.short_context, cfg.short_fraction) == (64, 0, 0.0)
+    assert recipe.build_config("nima-1m", {"context": 128}).short_context == 64  # still divides: kept
+
+
 def test_short_windows_reach_the_model(baseline_run, char_data, tmp_path):
     train(char_data, tmp_path / "short", tiny(max_steps=3, short_context=8, short_fraction=0.5), **QUIET)
     a, b = weights(tmp_path / "short" / "last"), weights(baseline_run / "last")

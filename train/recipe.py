@@ -217,4 +217,8 @@ def build_config(recipe: str | Path | None, overrides: dict) -> TrainConfig:
     if unknown:
         raise NimaError(f"unknown training settings: {', '.join(sorted(unknown))}",
                         f"settings are: {', '.join(f.name for f in fields(TrainConfig))}")
-    return TrainConfig(**{**cfg.to_dict(), **overrides}).validate()
+    settings = {**cfg.to_dict(), **overrides}
+    if "context" in overrides and "short_context" not in overrides and settings["short_context"] and (
+            settings["short_context"] >= settings["context"] or settings["context"] % settings["short_context"]):
+        settings.update(short_context=0, short_fraction=0.0)  # --context 64 on a short-window recipe: plain 64
+    return TrainConfig(**settings).validate()
