@@ -133,11 +133,13 @@ class LlamaCppBackend(LogitsBackend):
 
         meta = Llama(model_path=str(gguf), vocab_only=True, verbose=False).metadata
         context = int(meta["llama.context_length"])
-        # nima-edge's runtime keeps an all-F32 file's KV cache in F32 (exact), F16 otherwise; so do we,
-        # or the self-check would compare a different computation. logits_all: .scores holds them.
+        # nima-edge's runtime keeps an all-F32 file's KV cache in F32 (exact), F16 otherwise, with flash
+        # attention (llama.cpp's own default) on the F16 cache; so do we, or the self-check would compare
+        # a different computation. logits_all: .scores holds them.
         kv = GGML_TYPE_F32 if meta.get("general.file_type") == "0" else GGML_TYPE_F16
         self.llm = Llama(model_path=str(gguf), n_ctx=context, n_batch=context, n_ubatch=context, n_threads=threads,
-                         n_threads_batch=threads, logits_all=True, type_k=kv, type_v=kv, verbose=False)
+                         n_threads_batch=threads, logits_all=True, type_k=kv, type_v=kv, flash_attn=kv == GGML_TYPE_F16,
+                         verbose=False)
 
     def logits(self, ids, start):
         if start == 0:

@@ -65,13 +65,17 @@ class Tolerance:
 # the tokens are scored now); agreements allow twice the worst disagreement and at least 10% (one
 # near-tie flips a step), float32 none: int4 greedy 0.86 (nima-1m portable int4) -> 0.7. The defect
 # classes of tests/test_verify_defects.py then fail by one to five orders of magnitude in KL.
+# Re-measured on trained models (2026-11-29: nima-1m after 60 minutes, nima-10m after 10; the suite's
+# 22 artifacts, llama.cpp with flash attention on its F16 cache, its own tools' default): every class
+# passed except int8, whose KL / d^2 ratio reached 0.23 (GGUF q8_0, ONNX int8) at d = 0.118, so int8
+# allows kl_mean = 2 x 0.017 x 0.118^2 -> 5e-4 and kl_max = 2 x 0.231 x 0.118^2 -> 7e-3.
 TOLERANCES: dict[str, Tolerance] = {
     "float32": Tolerance(logits_max_abs=1e-4, greedy_agreement=1.0, ppl_rel_delta=1e-4,
                          kl_mean=5e-9, kl_max=5e-9, top1_agreement=1.0),
     "float16": Tolerance(logits_max_abs=5e-2, greedy_agreement=0.9, ppl_rel_delta=5e-3,
                          kl_mean=2e-3, kl_max=2e-3, top1_agreement=0.9),
     "int8": Tolerance(logits_max_abs=0.2, greedy_agreement=0.9, ppl_rel_delta=0.02,
-                      kl_mean=3e-4, kl_max=3e-3, top1_agreement=0.9),
+                      kl_mean=5e-4, kl_max=7e-3, top1_agreement=0.9),
     "int4": Tolerance(logits_max_abs=0.4, greedy_agreement=0.7, ppl_rel_delta=0.01,
                       kl_mean=1e-3, kl_max=1e-2, top1_agreement=0.7),
 }

@@ -23,6 +23,12 @@ from nima_edge.runtimes.gguf_format import TOKENIZER_JSON_KEY, TOKENIZER_SETTING
 from nima_edge.tokenizer import Tokenizer
 
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
+# llama.cpp's own tools (llama-cli, llama-server, llama-bench) default to flash attention "auto", which is
+# on for the CPU; llama-cpp-python's Llama defaults to off. On: the CPU kernel skips the cache cells a
+# token cannot see, where the plain path multiplies over the whole (256-cell padded) cache. Only with
+# the F16 cache of quantized files: the kernel rounds through F16, which moved an all-F32 file's logits
+# by up to 7e-3 (verify's float class allows 1e-4), so the exact file keeps the plain path.
+FLASH_ATTN = True
 
 
 def default_threads() -> int:
@@ -112,7 +118,8 @@ class LlamaCppRuntime(Runtime):
                 self.llm = llama_cpp.Llama(
                     model_path=str(path), n_ctx=self.context_length, n_batch=self.context_length,
                     n_ubatch=self.context_length, n_threads=self.threads, n_threads_batch=self.threads,
-                    type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=False,
+                    type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type],
+                    flash_attn=FLASH_ATTN and kv_type == "f16", verbose=False,
                     lora_path=str(lora) if lora is not None else None)
         except ValueError as e:
             raise NimaError(f"llama.cpp could not load {path}: {e}",
