@@ -31,6 +31,11 @@ DEVICES = ("auto", "cpu", "cuda")
 FROM_CHECKPOINT = "checkpoint"  # fine-tuning a model of no preset (e.g. an import): its own config.json rules
 
 
+def short_windows_fit(short_context: int, context: int) -> bool:
+    """Short windows must be shorter than the context and divide it (a step keeps its token count)."""
+    return 1 <= short_context < context and context % short_context == 0
+
+
 @dataclass
 class TrainConfig:
     preset: str = "nima-1m"
@@ -108,7 +113,7 @@ class TrainConfig:
             bad("schedule_clock", f"applies only to schedule = \"cosine\", not {self.schedule!r}",
                 "use schedule_clock = \"steps\" with this schedule")
         if self.short_context:
-            if not 1 <= self.short_context < self.context or self.context % self.short_context:
+            if not short_windows_fit(self.short_context, self.context):
                 bad("short_context", f"must divide context ({self.context}) and be shorter",
                     f"e.g. short_context = {max(self.context // 4, 1)}, or 0 for none")
             if not 0 < self.short_fraction < 1:
@@ -218,7 +223,7 @@ def build_config(recipe: str | Path | None, overrides: dict) -> TrainConfig:
         raise NimaError(f"unknown training settings: {', '.join(sorted(unknown))}",
                         f"settings are: {', '.join(f.name for f in fields(TrainConfig))}")
     settings = {**cfg.to_dict(), **overrides}
-    if "context" in overrides and "short_context" not in overrides and settings["short_context"] and (
-            settings["short_context"] >= settings["context"] or settings["context"] % settings["short_context"]):
+    if "context" in overrides and "short_context" not in overrides and settings["short_context"] and \
+            not short_windows_fit(settings["short_context"], settings["context"]):
         settings.update(short_context=0, short_fraction=0.0)  # --context 64 on a short-window recipe: plain 64
     return TrainConfig(**settings).validate()

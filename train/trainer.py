@@ -245,7 +245,6 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
     if cfg.batch_size % per_step:
         raise NimaError(f"batch_size {cfg.batch_size} does not split into grad_accum {cfg.grad_accum} x "
                         f"{dist.world} process(es)", f"use a batch_size that is a multiple of {per_step}")
-    micro = cfg.batch_size // per_step
     tok = job.tokenizer
     job.check(cfg)
 
