@@ -102,6 +102,13 @@ class ExecuTorchBackend(LogitsBackend):
         except (OSError, ValueError):
             settings = {}
         self._num_bos = int(bool(settings.get("add_bos_token", True)))
+        self._bos_token, self._text = settings.get("bos_token"), {}
+        try:
+            ends = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            ends = None
+        self._eos = set(ends if isinstance(ends, list) else [] if ends is None else [ends])
+        self._tokenizer_path = model_dir / "tokenizer.json"
 
     def logits(self, ids, start):
         torch = self._torch
@@ -111,16 +118,33 @@ class ExecuTorchBackend(LogitsBackend):
         return z
 
     def generate(self, prompt: str, tokens: int) -> tuple[str, int, float]:
-        pieces, stats = [], []
+        stats = []
         # warming=True keeps the runner from printing tokens and its report to stdout (we print).
         config = self._config(echo=False, max_new_tokens=tokens, temperature=0.0, num_bos=self._num_bos,
                               warming=True)
         self.runner.reset()
         start = time.perf_counter()
-        self.runner.generate(prompt, config, token_callback=pieces.append, stats_callback=stats.append)
+        # No token_callback: executorch 1.5.1's binding turns each piece into a Python str and raises
+        # UnicodeDecodeError on a byte-level piece that is not whole UTF-8 (half of an accented letter),
+        # aborting the run. The text is decoded from the same program's greedy ids instead (text()).
+        self.runner.generate(prompt, config, stats_callback=stats.append)
         elapsed = time.perf_counter() - start
         # the runner reports one token fewer than it emits (the first comes from prefill)
-        return "".join(pieces), stats[0].num_generated_tokens + 1, elapsed
+        return self.text(prompt, tokens), stats[0].num_generated_tokens + 1, elapsed
+
+    def text(self, prompt: str, tokens: int) -> str:
+        """The greedy continuation, decoded whole by `tokenizers` (executorch installs it through
+        pytorch-tokenizers); computed once per prompt, outside the timed runner call."""
+        if (prompt, tokens) not in self._text:
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(str(self._tokenizer_path))
+            bos = tok.token_to_id(self._bos_token) if self._bos_token else None
+            ids = [bos] * self._num_bos if bos is not None else []
+            ids += tok.encode(prompt, add_special_tokens=False).ids
+            out = self.greedy_ids(ids, tokens)
+            end = next((i for i, t in enumerate(out) if t in self._eos), len(out))
+            self._text[(prompt, tokens)] = tok.decode(out[:end])
+        return self._text[(prompt, tokens)]
 
 
 class LlamaCppBackend(LogitsBackend):

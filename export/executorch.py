@@ -4,7 +4,7 @@ The artifact is a directory, so the stock LLM runner finds everything it needs s
     model.pte              forward(tokens[1, T], input_pos[1]) -> logits[1, vocab], static KV cache,
                            llama::update_cache / llama::custom_sdpa, plus the runner's constant
                            metadata methods (get_max_context_len, get_eos_ids, use_kv_cache, ...)
-    tokenizer.json         the checkpoint's tokenizer
+    tokenizer.json         the checkpoint's tokenizer, less a Strip decoder (runner_tokenizer_json)
     tokenizer_config.json  the checkpoint's special tokens and chat template: the runner's HF tokenizer
                            reads BOS/EOS from it. The runner prepends BOS only when asked
                            (GenerationConfig(num_bos=1)); generation_config.json lists the end ids.
@@ -74,6 +74,21 @@ def lower(module: torch.nn.Module, max_context: int, constant_methods: dict):
     ))
 
 
+def runner_tokenizer_json(tok) -> str:
+    """The checkpoint's tokenizer.json without its Strip decoders (SentencePiece-style ones, e.g. TinyLlama,
+    strip the reply's first space). ExecuTorch's runner (pytorch-tokenizers, with executorch 1.5.1) decodes
+    one token at a time, so Strip drops the leading space of every piece, and on a lone byte-fallback piece
+    (`<0xE2>`, part of a character) its UTF-8 scan throws "invalid character", ending the generation. Without
+    it the pieces stream as llama.cpp prints them; a whole decode keeps a leading space it used to strip."""
+    spec = json.loads(tok.hf.to_str())
+    decoder = spec.get("decoder") or {}
+    if decoder.get("type") == "Strip":
+        spec["decoder"] = None
+    elif decoder.get("type") == "Sequence":
+        decoder["decoders"] = [d for d in decoder["decoders"] if d.get("type") != "Strip"]
+    return json.dumps(spec, indent=2, ensure_ascii=False) + "\n"
+
+
 def export(ckpt: Path, out: Path, quant: str, group_size: int | None = None, log=print, context: int | None = None,
            **_) -> Path:
     """`context`: the KV cache's positions (default: the declared context capped at 2048)."""
@@ -100,7 +115,7 @@ def export(ckpt: Path, out: Path, quant: str, group_size: int | None = None, log
     with atomic_dir(out) as tmp:
         with open(tmp / PTE_NAME, "wb") as f:
             program.write_to_file(f)
-        tok.save(tmp / "tokenizer.json")
+        (tmp / "tokenizer.json").write_text(runner_tokenizer_json(tok), encoding="utf-8")
         for name, content in tok.config_files(max_context).items():  # special tokens, end ids, chat template
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         num_bos = int(tok.adds_bos)

@@ -135,3 +135,28 @@ def test_bad_export_options(tiny_ckpt, tmp_path):
         export(tiny_ckpt, "executorch", tmp_path / "x", "q4_0")
     with pytest.raises(NimaError, match="is a directory"):
         export(tiny_ckpt, "executorch", tmp_path / "x.pte", "fp32")
+
+
+def test_runner_tokenizer_streams_sentencepiece_pieces(tmp_path):
+    """The runner's tokenizer (pytorch-tokenizers, which executorch ships) decodes one token at a time: with a
+    Llama-2-style decoder's Strip every piece lost its space and a lone byte-fallback byte raised "invalid
+    character" in C++, ending generation. The exported tokenizer.json streams them as llama.cpp prints."""
+    from pytorch_tokenizers import CppHFTokenizer
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from byo_models import tinyllama_tokenizer
+    from nima_edge.export.executorch import runner_tokenizer_json
+    from nima_edge.tokenizer import Tokenizer
+    hf = tinyllama_tokenizer(["The king speaks. The queen answers: café, naïve. " * 20], 320)
+    exported = runner_tokenizer_json(Tokenizer(hf, {"bos_token": "<s>", "eos_token": "</s>"}))
+    (tmp_path / "tokenizer.json").write_text(exported)
+    runner = CppHFTokenizer()
+    runner.load(str(tmp_path / "tokenizer.json"))
+    assert runner.decode(hf.token_to_id("\u2581The")) == " The"
+    try:
+        runner.decode(hf.token_to_id("<0xE2>"))  # one byte of a three-byte character
+    except UnicodeDecodeError:
+        pass  # the raw byte reached Python (pybind cannot make a str of it): the C++ decode itself succeeded
+    # a whole decode still reads right (only the reply's first space is no longer stripped)
+    assert HFTokenizer.from_str(exported).decode(hf.encode("The café").ids) == " The café"
