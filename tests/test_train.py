@@ -320,3 +320,15 @@ def test_cli_bad_recipe_is_a_clean_error(tmp_path):
 def test_uneven_batch_split_is_an_error(char_data, tmp_path):
     with pytest.raises(NimaError, match="multiple of 3"):
         train(char_data, tmp_path / "x", tiny(batch_size=8, grad_accum=3), **QUIET)
+
+
+@pytest.mark.parametrize("seconds,per_iter", [(300, 0.1339), (300, 0.1268), (300, 0.102), (600, 0.113), (5, 0.2), (60, 0.05)])
+def test_nanogpt_baseline_fills_its_budget(seconds, per_iter):
+    """The training benchmark runs the real nanoGPT for max_iters iterations, set from a speed probe: they
+    must fill the wall-clock budget (within one evaluation interval) without running past it, and the
+    last evaluation (where nanoGPT saves its checkpoint) must fall on max_iters."""
+    from nima_edge.benchmarks.experiments.train_shakespeare import nanogpt_iterations
+    iters, every = nanogpt_iterations(seconds, per_iter)
+    cost = iters * per_iter * (1 + 13 / 250)  # training plus its evaluations
+    assert iters % every == 0 and 125 <= every <= 375 or iters == every
+    assert cost <= seconds and (cost >= 0.9 * seconds or iters == 20)
