@@ -134,3 +134,15 @@ def small_ckpt(tmp_path):
     model = NimaForCausalLM(ModelConfig(vocab_size=262, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
     return checkpoint.save(tmp_path / "ckpt", model, train_tokenizer("char"), meta={"preset": "test"})
+
+
+@pytest.fixture
+def group_plan_model():
+    """A random model whose widths no 128-group divides: 192 (q/k/v/o/gate/up inputs: group 64 does) and 80
+    (down_proj: no supported group does, it stays float). The quantize and QAT group-plan tests share it."""
+    import torch
+    from nima_edge.config import ModelConfig
+    from nima_edge.model import NimaForCausalLM
+    torch.manual_seed(0)
+    return NimaForCausalLM(ModelConfig(vocab_size=262, hidden_size=192, intermediate_size=80, num_hidden_layers=2,
+                                       num_attention_heads=3, num_key_value_heads=1))

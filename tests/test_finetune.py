@@ -345,16 +345,12 @@ def test_cli_finetune_then_quantize_qat(tiny_ckpt, chat_file, qat_run, tmp_path)
     assert "4-bit qat, group 32" in q.stdout
 
 
-def test_qat_follows_the_quantize_group_plan(tmp_path):
+def test_qat_follows_the_quantize_group_plan(tmp_path, group_plan_model):
     """int4-g128 on widths 128 does not divide: the linears train (and quantize) at group 64, and the one no
     group divides stays float in both; the result is still the trained forward, bit for bit."""
-    from nima_edge.config import ModelConfig
-    from nima_edge.model import NimaForCausalLM
     from nima_edge.quantization import load_quant
     from nima_edge.tokenizer import train_tokenizer
-    torch.manual_seed(0)
-    model = NimaForCausalLM(ModelConfig(vocab_size=262, hidden_size=192, intermediate_size=80, num_hidden_layers=2,
-                                        num_attention_heads=3, num_key_value_heads=1))
+    model = group_plan_model
     scheme = qat.parse("int4-g128")
     ckpt = checkpoint.save(tmp_path / "ck", model, train_tokenizer("char"), meta={"qat": scheme.to_dict()})
     qat.enable(model, scheme)

@@ -9,13 +9,11 @@ from safetensors.torch import load_file
 
 from nima_edge import checkpoint
 from nima_edge.checkpoint import fake_quant_model
-from nima_edge.config import ModelConfig
 from nima_edge.data import TokenData
 from nima_edge.errors import NimaError
 from nima_edge.evaluate import evaluate
 from nima_edge.export.gptq import Hessian, gptq
 from nima_edge.export.quantize import quantize_checkpoint, quantize_model
-from nima_edge.model import NimaForCausalLM
 from nima_edge.quantization import (LINEAR_SUFFIXES, describe_substitutions, group_plan, load_quant, rtn,
                                     substitutions)
 
@@ -96,17 +94,9 @@ def test_gptq_lazy_block_updates_do_not_change_the_result():
     assert (a.codes != b.codes).float().mean() < 1e-3  # equal up to float64 rounding at ties
 
 
-def plan_model() -> NimaForCausalLM:
-    """Widths no 128-group divides: 192 (q/k/v/o/gate/up inputs: group 64 does) and 80 (down_proj: no
-    supported group does, it stays float)."""
-    torch.manual_seed(0)
-    return NimaForCausalLM(ModelConfig(vocab_size=262, hidden_size=192, intermediate_size=80, num_hidden_layers=2,
-                                       num_attention_heads=3, num_key_value_heads=1))
-
-
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_group_plan_substitutes_smaller_groups_or_float_per_tensor(method):
-    model = plan_model()
+def test_group_plan_substitutes_smaller_groups_or_float_per_tensor(method, group_plan_model):
+    model = group_plan_model
     plan = group_plan(model, 128)
     assert {n: g for n, g in plan.items() if "layers.0." in n} == {
         f"model.layers.0.{n}.weight": g for n, g in [("self_attn.q_proj", 64), ("self_attn.k_proj", 64),
@@ -124,9 +114,9 @@ def test_group_plan_substitutes_smaller_groups_or_float_per_tensor(method):
         "group 128 -> float (no supported group divides its width): 2 tensors (down_proj)"]
 
 
-def test_quantize_records_and_prints_the_plan(tmp_path):
+def test_quantize_records_and_prints_the_plan(tmp_path, group_plan_model):
     from nima_edge.tokenizer import train_tokenizer
-    ckpt = checkpoint.save(tmp_path / "ck", plan_model(), train_tokenizer("char"))
+    ckpt = checkpoint.save(tmp_path / "ck", group_plan_model, train_tokenizer("char"))
     lines = []
     out = quantize_checkpoint(ckpt, tmp_path / "q", 4, 128, "rtn", log=lines.append)
     assert lines == ["quantization plan: group 128 -> group 64: 12 tensors (gate_proj, k_proj, o_proj, q_proj, "
@@ -141,8 +131,8 @@ def test_quantize_records_and_prints_the_plan(tmp_path):
     assert torch.equal(fq.model.layers[1].mlp.down_proj.weight, checkpoint.load(ckpt)[0].model.layers[1].mlp.down_proj.weight)
 
 
-def test_bad_quantization_parameters_are_a_clear_error():
-    model = plan_model()
+def test_bad_quantization_parameters_are_a_clear_error(group_plan_model):
+    model = group_plan_model
     with pytest.raises(NimaError, match="group size 48 is not supported"):
         quantize_model(model, "rtn", 4, 48)
     with pytest.raises(NimaError, match="3-bit"):
