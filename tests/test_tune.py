@@ -6,7 +6,7 @@ import pytest
 from nima_edge.errors import NimaError
 from nima_edge.train import recipe
 from nima_edge.train.recipe import TrainConfig
-from nima_edge.train.tune import BATCH_SIZES, tune
+from nima_edge.train.tune import batch_sizes, tune
 
 optuna = pytest.importorskip("optuna")
 BASE = TrainConfig(preset="nima-0.5m", context=32, eval_windows=2)
@@ -28,7 +28,7 @@ def test_tune_writes_the_best_recipe(char_data, tmp_path):
     cfg = recipe.load(out)
     measured = recipe.measured(out)
     assert measured["trials"] >= 2 and measured["val_loss"] == figures["val_loss"]
-    assert 1e-3 <= cfg.lr <= 3e-2 and cfg.batch_size in BATCH_SIZES and 0 <= cfg.dropout <= 0.2
+    assert 1e-3 <= cfg.lr <= 3e-2 and cfg.batch_size in batch_sizes(BASE) and 0 <= cfg.dropout <= 0.2
     assert cfg.max_seconds == 3 and cfg.schedule_clock == "time" and cfg.preset == "nima-0.5m"
 
 
@@ -43,3 +43,18 @@ def test_pruned_trials_do_not_count(char_data, tmp_path):
 def test_budget_smaller_than_a_trial_is_an_error(char_data, tmp_path):
     with pytest.raises(NimaError, match="does not fit one trial"):
         tune(char_data, tmp_path / "x.toml", BASE, budget_s=10, trial_s=60)
+
+
+def test_search_space_is_tokens_per_step_and_the_short_window_part():
+    """Batch choices are tokens per step at the recipe's context (512-4,096: the 5-minute winner, 1,024 at
+    context 256, is among them), and a recipe with short-then-long windows also searches their share."""
+    assert batch_sizes(TrainConfig(context=256)) == [2, 4, 8, 16]
+    assert batch_sizes(TrainConfig(context=64)) == [8, 16, 32, 64]
+    assert batch_sizes(TrainConfig(context=1024)) == [1, 2, 4]
+    assert batch_sizes(TrainConfig(context=256, grad_accum=4)) == [4, 8, 16]
+    from nima_edge.train.tune import suggest
+    base = TrainConfig(preset="nima-1m", context=256, short_context=64, short_fraction=0.75)
+    trial = optuna.trial.FixedTrial({"lr": 4e-3, "batch_size": 4, "dropout": 0.0, "warmup_steps": 50,
+                                     "beta2": 0.99, "short_fraction": 0.9})
+    cfg = suggest(trial, base, 300, 4096)
+    assert (cfg.batch_size, cfg.short_fraction, cfg.beta2, cfg.min_lr) == (4, 0.9, 0.99, 4e-4)
