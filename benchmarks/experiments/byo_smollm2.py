@@ -11,6 +11,10 @@ one export per target and scheme, then `nima-edge bench` (50 tokens after a 16-t
 
     .venv/bin/python benchmarks/experiments/byo_smollm2.py --corpus PATH/TO/tinyshakespeare.txt \
         --work runs/byo-smollm2 --out benchmarks/reports/byo-smollm2-135m
+
+The steps are logged to WORK/steps.json as they finish; `--no-bench` stops before the bench and
+`--bench-only` runs it (and writes the report) from that log later, so the untimed steps can share the
+machine and the timed one need not.
 """
 from __future__ import annotations
 
@@ -80,9 +84,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/reports/byo-smollm2-135m")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--skip", nargs="*", default=[], help="targets to leave out")
+    stage = ap.add_mutually_exclusive_group()
+    stage.add_argument("--no-bench", action="store_true", help="stop after the exports")
+    stage.add_argument("--bench-only", action="store_true", help="bench the artifacts a --no-bench run left")
     args = ap.parse_args()
     work, out = args.work.resolve(), args.out.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    steps_file = work / "steps.json"
+    if args.bench_only:
+        saved = json.loads(steps_file.read_text())
+        report(work, out, args.layers, saved["steps"], saved["artifacts"])
+        return
     log: list[dict] = []
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -109,6 +121,14 @@ def main() -> None:
                                                 "--out", str(work / "artifacts" / name), "--force"], log)
         if row["exit"] == 0:
             artifacts.append(str(work / "artifacts" / name))
+        steps_file.write_text(json.dumps({"steps": log, "artifacts": artifacts}, indent=2))
+    if args.no_bench:
+        return
+    report(work, out, args.layers, log, artifacts)
+
+
+def report(work: Path, out: Path, layers: int, log: list[dict], artifacts: list[str]) -> None:
+    """Bench the artifacts, then write results.json (every step's time and memory) and bench.md."""
     bench_dir = work / "bench"
     step("bench", ["bench", *artifacts, "--profile", "desktop-cpu", "--out", str(bench_dir), "--force"], log,
          timeout=7200)
@@ -118,14 +138,14 @@ def main() -> None:
     per_artifact = [{k: r.get(k) for k in ("name", "target", "bytes", "gen_ms_median", "gen_ms_p90",
                                            "ttft_ms_median", "tokens_per_s", "peak_rss_mb", "error")}
                     for r in bench.get("results", [])]
-    report = {"model": "SmolLM2-135M-shaped, random weights", "layers": args.layers, "steps": log,
-              "bench": per_artifact, "versions": versions(), "machine": {
-                  "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                  "load_avg_1m_at_end": os.getloadavg()[0]}}
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    results = {"model": "SmolLM2-135M-shaped, random weights", "layers": layers, "steps": log,
+               "bench": per_artifact, "versions": versions(), "machine": {
+                   "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                   "load_avg_1m_at_end": os.getloadavg()[0]}}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if (bench_dir / "bench.md").is_file():
         (out / "bench.md").write_text((bench_dir / "bench.md").read_text())
-    print(json.dumps(report, indent=2))
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
