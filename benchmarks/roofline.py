@@ -294,10 +294,30 @@ def _overhead_ms_per_pass(r: dict, passes: int) -> float:
     return max(0.0, r["gen_ms_median"] - r["floor_ms"]) / passes
 
 
+def _matmul_params(r: dict) -> float:
+    return Shape(**r["cost"]["shape"]).matmul_params
+
+
+def overhead_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(fixed ms, ms per matmul weight) per pass through (weights, overhead) points: a least-squares line
+    through two or more model sizes, a constant through one. The fixed part is dispatch, Python and
+    thread barriers; the per-weight part is the runtime's kernels running below the roofline (a decode
+    GEMV dequantizing its weights is compute-bound well before memory is), which a constant cannot
+    carry from a 1M model to a 10M one."""
+    if len({w for w, _ in points}) < 2:
+        return statistics.mean(o for _, o in points), 0.0
+    w_mean = statistics.mean(w for w, _ in points)
+    o_mean = statistics.mean(o for _, o in points)
+    slope = (sum((w - w_mean) * (o - o_mean) for w, o in points)
+             / sum((w - w_mean) ** 2 for w, _ in points))
+    return o_mean - slope * w_mean, slope
+
+
 def attach_predictions(results: list[dict], prompt_tokens: int, new_tokens: int) -> None:
-    """Predict each row as its floor plus the per-pass overhead (ms above the floor per forward pass) the
-    same runtime and quant scheme showed on the *other* models of the run: an out-of-sample test of the
-    model behind the projections (`predicted_ms`, `prediction_error` as a fraction of the measurement)."""
+    """Predict each row as its floor plus the per-pass overhead that the same runtime and quant scheme
+    showed on the *other* model sizes of the run (overhead_line: fixed + per weight with two or more of
+    them, a constant with one): an out-of-sample test of the model behind the projections
+    (`predicted_ms`, `prediction_error` as a fraction of the measurement)."""
     passes = new_tokens  # one prefill + new_tokens - 1 decodes
     timed = [r for r in results if "floor_ms" in r and "gen_ms_median" in r]
     for r in timed:
@@ -305,7 +325,8 @@ def attach_predictions(results: list[dict], prompt_tokens: int, new_tokens: int)
                   and o["cost"]["shape"] != r["cost"]["shape"]]
         if not others:
             continue
-        overhead = statistics.mean(_overhead_ms_per_pass(o, passes) for o in others)
+        fixed, per_weight = overhead_line([(_matmul_params(o), _overhead_ms_per_pass(o, passes)) for o in others])
+        overhead = max(0.0, fixed + per_weight * _matmul_params(r))
         r["predicted_ms"] = r["floor_ms"] + overhead * passes
         r["prediction_error"] = r["predicted_ms"] / r["gen_ms_median"] - 1
 
@@ -336,8 +357,8 @@ def machine_line(m: Machine) -> str:
 
 def floor_table(results: list[dict], profile, machine: Machine, peers: bool) -> str:
     lines = [f"Floor ({machine_line(machine)}). Floor = each forward pass at max(bytes read / bandwidth, "
-             f"FLOPs / GEMM rate); model = floor + the per-pass overhead the same runtime and scheme showed on "
-             f"the other model (out of sample).", "",
+             f"FLOPs / GEMM rate); model = floor + the per-pass overhead (fixed + per weight) fitted to the same "
+             f"runtime and scheme on the other model sizes (out of sample).", "",
              "| artifact | weights MB/pass | KV KB/pos | MFLOP/token | floor ms | bound | ours ms | x floor | model ms (err) |"
              + (" peer tool | peer ms | ours/peer | verdict |" if peers else ""),
              "|---|---:|---:|---:|---:|---|---:|---:|---:|" + ("---|---:|---:|---|" if peers else "")]

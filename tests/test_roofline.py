@@ -70,6 +70,22 @@ def test_predictions_are_out_of_sample():
     assert rows[0]["prediction_error"] == pytest.approx(16 / 11 - 1) and "predicted_ms" not in rows[2]
 
 
+def test_overhead_that_grows_with_the_model_is_carried_between_sizes():
+    """Three sizes whose overhead per pass is 0.2 ms + 1 ns per matmul weight (as a runtime's kernels below
+    the roofline make it): each is predicted exactly from the other two, where a constant overhead would
+    miss the smallest by far."""
+    s = {"layers": 1, "hidden": 64, "heads": 1, "kv_heads": 1, "head_dim": 64, "ffn": 64, "vocab": 64}
+    rows = []
+    for layers in (1, 4, 16):
+        shape = {**s, "layers": layers}
+        weights = Shape(**shape).matmul_params
+        rows.append({"target": "gguf", "quant": "q8_0", "cost": {"shape": shape}, "floor_ms": 0.5,
+                     "gen_ms_median": 0.5 + 10 * (0.2 + 1e-6 * weights)})
+    attach_predictions(rows, 16, 10)
+    for r in rows:
+        assert r["prediction_error"] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_this_machine_is_measured():
     m = measure_machine(1)
     assert m.dram_read_gbs > 0.1 and m.cache_read_gbs > 0.1 and m.gemm_gflops > 0.1 and m.threads == 1
