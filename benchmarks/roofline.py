@@ -18,7 +18,6 @@ compute figures with citations; on another machine `bench --profile` prints thei
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
