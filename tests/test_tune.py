@@ -54,7 +54,28 @@ def test_search_space_is_tokens_per_step_and_the_short_window_part():
     assert batch_sizes(TrainConfig(context=256, grad_accum=4)) == [4, 8, 16]
     from nima_edge.train.tune import suggest
     base = TrainConfig(preset="nima-1m", context=256, short_context=64, short_fraction=0.75)
-    trial = optuna.trial.FixedTrial({"lr": 4e-3, "batch_size": 4, "dropout": 0.0, "warmup_steps": 50,
+    trial = optuna.trial.FixedTrial({"lr": 4e-3, "step_tokens": 1024, "dropout": 0.0, "warmup_steps": 50,
                                      "beta2": 0.99, "short_fraction": 0.9})
-    cfg = suggest(trial, base, 300, 4096)
-    assert (cfg.batch_size, cfg.short_fraction, cfg.beta2, cfg.min_lr) == (4, 0.9, 0.99, 4e-4)
+    cfg = suggest(trial, base, 300, {"nima-1m": 4096})
+    assert (cfg.batch_size, cfg.short_fraction, cfg.beta2, cfg.min_lr, cfg.eval_every) == (4, 0.9, 0.99, 4e-4, 4)
+
+
+def test_the_shape_is_searched_among_presets_each_at_its_declared_context(char_data, tmp_path):
+    """--presets: a trial may pick another preset; it then trains every position that preset declares
+    (nima-5m: 512) with the same tokens per step, and the written recipe carries the winner's shape."""
+    from nima_edge.train.tune import suggest
+    base = TrainConfig(preset="nima-1m", context=256, short_context=64, short_fraction=0.9)
+    params = {"lr": 4e-3, "step_tokens": 2048, "dropout": 0.0, "warmup_steps": 0, "beta2": 0.99, "short_fraction": 0.9}
+    five = suggest(optuna.trial.FixedTrial({**params, "preset": "nima-5m"}), base, 60, {"nima-1m": 1, "nima-5m": 1},
+                   ("nima-1m", "nima-5m"))
+    assert (five.preset, five.context, five.batch_size, five.short_context) == ("nima-5m", 512, 4, 64)
+    one = suggest(optuna.trial.FixedTrial({**params, "preset": "nima-1m"}), base, 60, {"nima-1m": 1, "nima-5m": 1},
+                  ("nima-1m", "nima-5m"))
+    assert (one.preset, one.context, one.batch_size) == ("nima-1m", 256, 8)
+    with pytest.raises(NimaError, match="not a known preset"):
+        tune(char_data, tmp_path / "x.toml", BASE, budget_s=6, trial_s=3, presets=("nima-0.5m", "nima-7m"))
+    out = tmp_path / "shape.toml"
+    figures = tune(char_data, out, BASE, budget_s=8, trial_s=2, log=lambda *_: None, presets=("nima-0.5m", "nima-1m"))
+    cfg = recipe.load(out)
+    assert figures["presets_searched"] == ["nima-0.5m", "nima-1m"] and cfg.preset in figures["presets_searched"]
+    assert cfg.context == 256  # both declare 256 positions; the base recipe's 32 is not what they are used at

@@ -1,9 +1,12 @@
 """Hyper-parameter search with Optuna on a wall-clock budget: learning rate, tokens per step, dropout,
-warmup, Adam's beta2 and (for a recipe with short-then-long windows) the short part of the budget.
+warmup, Adam's beta2, (for a recipe with short-then-long windows) the short part of the budget, and
+optionally the model's shape among presets.
 
 Each trial trains for the same wall-clock slice (the cosine decays over that slice) and reports its
-validation loss at fixed token counts, so the median pruner compares trials at equal data seen and
-stops the hopeless ones early. The best trial's settings are written as a recipe.
+validation loss at fixed fractions of that slice, so the median pruner compares trials at equal time
+spent, which is what the search optimizes. (Comparing at equal data seen, as this did before, favours
+whatever is slow per token: a larger preset is ahead at any token count and a small one gets pruned
+before its extra tokens show.) The best trial's settings are written as a recipe.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import time
 from pathlib import Path
 
 from nima_edge.atomic import write_text
+from nima_edge.config import PRESETS
 from nima_edge.errors import NimaError
 from nima_edge.train import recipe
 from nima_edge.train.recipe import TrainConfig
@@ -21,7 +25,7 @@ from nima_edge.train.trainer import train
 # winners sit at the small end (nima-1m: 1,024 tokens per step beat 2,048 by 0.05-0.1 bits/char), where
 # the old row counts (8-64 rows of 256 = 2,048-16,384 tokens) could not reach.
 STEP_TOKENS = (512, 1024, 2048, 4096)
-EVALS_PER_TRIAL = 6  # reports per trial for the pruner, roughly
+EVALS_PER_TRIAL = 6  # evaluations per trial, and the pruner's time buckets
 
 
 def _optuna():
@@ -32,46 +36,71 @@ def _optuna():
     return optuna
 
 
+def rows_per_step(step_tokens: int, context: int, grad_accum: int = 1) -> int:
+    """Rows per optimizer step for about `step_tokens` tokens at `context` (a multiple of grad_accum)."""
+    rows = max(1, step_tokens // context)
+    return max(grad_accum, rows - rows % grad_accum)
+
+
 def batch_sizes(base: TrainConfig) -> list[int]:
     """The rows per step the search chooses from: STEP_TOKENS at the base recipe's context."""
-    rows = sorted({max(1, t // base.context) for t in STEP_TOKENS})
-    return [b for b in rows if b % base.grad_accum == 0] or [base.grad_accum]
+    return sorted({rows_per_step(t, base.context, base.grad_accum) for t in STEP_TOKENS})
 
 
-def suggest(trial, base: TrainConfig, trial_seconds: float, tokens_per_report: int) -> TrainConfig:
-    """The trial's settings: the searched values on top of `base`, timed to `trial_seconds`."""
+def for_preset(base: TrainConfig, preset: str) -> TrainConfig:
+    """`base` with `preset`'s shape, trained at every position that preset declares."""
+    if preset not in PRESETS:
+        raise NimaError(f"tune: {preset!r} is not a known preset", f"choose among: {', '.join(PRESETS)}")
+    return TrainConfig(**{**base.to_dict(), "preset": preset,
+                          "context": PRESETS[preset]["max_position_embeddings"]}).validate()
+
+
+def suggest(trial, base: TrainConfig, trial_seconds: float, evals_every: dict[str, int],
+            presets: tuple[str, ...] = ()) -> TrainConfig:
+    """The trial's settings: the searched values on top of `base`, timed to `trial_seconds`.
+
+    `evals_every` maps each preset to the tokens between evaluations (EVALS_PER_TRIAL per trial at its
+    measured speed); `presets`, two or more, makes the shape a searched choice too."""
+    cfg = for_preset(base, trial.suggest_categorical("preset", list(presets))) if len(presets) > 1 else base
     lr = trial.suggest_float("lr", 1e-3, 3e-2, log=True)
-    batch = trial.suggest_categorical("batch_size", batch_sizes(base))
-    short = {"short_fraction": trial.suggest_float("short_fraction", 0.5, 0.95, step=0.05)} if base.short_context else {}
+    batch = rows_per_step(trial.suggest_categorical("step_tokens", list(STEP_TOKENS)), cfg.context, cfg.grad_accum)
+    short = {"short_fraction": trial.suggest_float("short_fraction", 0.5, 0.95, step=0.05)} if cfg.short_context else {}
     return TrainConfig(**{
-        **base.to_dict(), "lr": lr, "min_lr": lr / 10, "batch_size": batch,
+        **cfg.to_dict(), "lr": lr, "min_lr": lr / 10, "batch_size": batch,
         "dropout": trial.suggest_float("dropout", 0.0, 0.2),
         "warmup_steps": trial.suggest_int("warmup_steps", 0, 200, step=25),
         "beta2": trial.suggest_categorical("beta2", [0.95, 0.99]), **short,
         "max_seconds": trial_seconds, "max_steps": 10 ** 9, "schedule": "cosine", "schedule_clock": "time",
-        "eval_every": max(1, tokens_per_report // (batch * base.context)), "patience": 0, "mlflow": False,
+        "eval_every": max(1, evals_every[cfg.preset] // (batch * cfg.context)), "patience": 0, "mlflow": False,
     }).validate()
 
 
 def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: float, trial_s: float,
-         seed: int = 0, log=print, pruner=None) -> dict:
+         seed: int = 0, log=print, pruner=None, presets: tuple[str, ...] = ()) -> dict:
     """Search for `budget_s` seconds in trials of `trial_s`; write the best recipe to `out`; return its figures.
 
+    `presets` (two or more) adds the model's shape to the search; each trains at its declared context.
     `pruner` defaults to Optuna's median pruner (after two complete trials, stop a trial whose loss is
-    worse than the median of earlier trials at the same token count, from its second report on)."""
+    worse than the median of earlier trials at the same fraction of the slice, from the third on)."""
     optuna = _optuna()
     if trial_s <= 0 or budget_s < trial_s:
         raise NimaError(f"a tuning budget of {budget_s:.0f} s does not fit one trial of {trial_s:.0f} s",
                         "give --minutes at least --trial-minutes (several trials make a search)")
-    # Reports at multiples of one token count shared by every batch size: the pruner compares like with like.
-    step_tokens = max(batch_sizes(base)) * base.context
-    tokens_per_report = step_tokens * max(1, round(_tokens_in(trial_s, data_dir, base) / EVALS_PER_TRIAL / step_tokens))
+    presets = tuple(dict.fromkeys(presets))
+    shapes = [for_preset(base, p) for p in presets] if len(presets) > 1 else [base]
+    evals_every = {c.preset: max(1, round(_tokens_in(trial_s, data_dir, c) / EVALS_PER_TRIAL)) for c in shapes}
 
     def objective(trial) -> float:
-        cfg = suggest(trial, base, trial_s, tokens_per_report)
+        cfg = suggest(trial, base, trial_s, evals_every, presets)
+        reported = set()
 
         def report(step: int, metrics: dict) -> None:
-            trial.report(metrics["loss"], step=metrics["train_tokens"])
+            # the key is the share of the slice spent, in EVALS_PER_TRIAL buckets: trials of any speed line up
+            bucket = min(EVALS_PER_TRIAL, int(metrics["elapsed_s"] / trial_s * EVALS_PER_TRIAL))
+            if bucket in reported:
+                return
+            reported.add(bucket)
+            trial.report(metrics["loss"], step=bucket)
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
@@ -87,9 +116,8 @@ def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: flo
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
-                                # steps are token counts; the first report (warmup still shaping it) never prunes
-                                pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2,
-                                                                             n_warmup_steps=2 * tokens_per_report))
+                                # steps are time buckets; the first two (warmup still shaping them) never prune
+                                pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2))
     start = time.monotonic()
     # Optuna's timeout only stops *starting* trials; leave room for the last one to finish inside the budget.
     study.optimize(objective, timeout=max(budget_s - trial_s, 1e-3), callbacks=[progress], catch=())
@@ -97,11 +125,12 @@ def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: flo
     if not done:
         raise NimaError("no tuning trial completed within the budget", "give --minutes more time")
     best = study.best_trial
-    cfg = suggest(optuna.trial.FixedTrial(best.params), base, trial_s, tokens_per_report)
+    cfg = suggest(optuna.trial.FixedTrial(best.params), base, trial_s, evals_every, presets)
     figures = {"val_loss": round(best.value, 4), "val_bits_per_char": round(best.user_attrs["bits_per_char"], 4),
                "steps": best.user_attrs["steps"], "trial_seconds": trial_s, "trials": len(study.trials),
                "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
-               "search_seconds": round(time.monotonic() - start), "data": str(data_dir)}
+               "search_seconds": round(time.monotonic() - start), "data": str(data_dir),
+               **({"presets_searched": list(presets)} if len(presets) > 1 else {})}
     write_text(out, recipe.dumps(cfg, measured=figures, header=(
         f"Tuned by nima-edge tune: best of {figures['trials']} trials ({figures['pruned']} pruned),\n"
         f"each {trial_s:.0f} s of training; val loss {figures['val_loss']} nats/token.")))

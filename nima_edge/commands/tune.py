@@ -1,4 +1,5 @@
-"""nima-edge tune: Optuna search over learning rate, batch size, dropout and warmup; writes the best recipe."""
+"""nima-edge tune: Optuna search over learning rate, tokens per step, schedule and (optionally) the preset's
+shape on a wall-clock budget; writes the best recipe."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +17,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/tuned.toml"), help="recipe TOML to write"),
         recipe: str = typer.Option(None, help="base recipe (default: the preset's bundled one)"),
         preset: str = typer.Option(None, help="nima-0.5m | nima-1m | nima-5m | nima-10m"),
+        presets: str = typer.Option(None, help="search the shape too, among these comma-separated presets "
+                                               "(e.g. nima-1m,nima-5m); each trains at its declared context"),
         minutes: float = typer.Option(10.0, help="wall-clock budget of the whole search"),
         trial_minutes: float = typer.Option(1.0, help="training time of each trial"),
         seed: int = typer.Option(0, help="sampler seed"),
@@ -32,5 +35,6 @@ def register(app: typer.Typer) -> None:
         if threads:
             torch.set_num_threads(threads)
         base = build_config(recipe, {"preset": preset} if preset else {})
-        figures = run_tune(data, out, base, minutes * 60, trial_minutes * 60, seed=seed, log=Console().print)
+        figures = run_tune(data, out, base, minutes * 60, trial_minutes * 60, seed=seed, log=Console().print,
+                           presets=tuple(p.strip() for p in presets.split(",") if p.strip()) if presets else ())
         Console().print(f"wrote {out}: val loss {figures['val_loss']} after {figures['trials']} trials")
