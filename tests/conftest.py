@@ -102,6 +102,24 @@ def tiny_pte(tmp_path_factory, tiny_ckpt) -> Path:
     return export(tiny_ckpt, "executorch", tmp_path_factory.mktemp("pte") / "tiny-et", "fp32")
 
 
+@pytest.fixture(scope="session")
+def et_8da4w_cli(tmp_path_factory, tiny_ckpt):
+    """`nima-edge export` of an RTN int4 g32 result of tiny_ckpt to ExecuTorch 8da4w, run as a user runs it:
+    (the quantized checkpoint, the export directory, the finished process with its output). About 2
+    minutes, so the ExecuTorch quantization test and the quiet-terminal test share this one export."""
+    pytest.importorskip("executorch", reason="the executorch extra is not installed")
+    import subprocess
+    import sys
+    from nima_edge.export.quantize import quantize_checkpoint
+    root = tmp_path_factory.mktemp("et8da4w")
+    rtn4 = quantize_checkpoint(tiny_ckpt, root / "rtn4", bits=4, group_size=32, method="rtn")
+    out = root / "8da4w"
+    p = subprocess.run([sys.executable, "-m", "nima_edge", "export", str(rtn4), "--target", "executorch",
+                        "--quant", "8da4w", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr
+    return rtn4, out, p
+
+
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run `nima-edge ARGS` in this process (no interpreter start-up); returns (exit code, stdout, stderr)."""

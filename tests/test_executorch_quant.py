@@ -25,12 +25,6 @@ def teacher_forced(rt, ids):
     return np.stack([rt.prefill(ids[:4])] + [rt.decode(t) for t in ids[4:]])
 
 
-@pytest.fixture(scope="module")
-def rtn4_ckpt(tiny_ckpt, tmp_path_factory):
-    from nima_edge.export.quantize import quantize_checkpoint
-    return quantize_checkpoint(tiny_ckpt, tmp_path_factory.mktemp("q") / "rtn4", bits=4, group_size=32, method="rtn")
-
-
 def _compare(ckpt, pte, float_ckpt):
     from nima_edge import checkpoint
     from nima_edge.checkpoint import fake_quant_model
@@ -45,9 +39,8 @@ def _compare(ckpt, pte, float_ckpt):
     return np.abs(got - r).max(), (got.argmax(1) == r.argmax(1)).mean(), np.abs(got - f).max()
 
 
-def test_8da4w_carries_the_quantization_result(rtn4_ckpt, tiny_ckpt, tmp_path):
-    from nima_edge.export import export
-    pte = export(rtn4_ckpt, "executorch", tmp_path / "8da4w", "8da4w")
+def test_8da4w_carries_the_quantization_result(et_8da4w_cli, tiny_ckpt):
+    rtn4_ckpt, pte, _ = et_8da4w_cli  # exported by the command line (shared with the quiet-terminal test)
     diff, agree, diff_float = _compare(rtn4_ckpt, pte, tiny_ckpt)
     assert diff < QUANT_TOL and agree >= ARGMAX_AGREEMENT
     assert diff < diff_float  # nearer the fake-quant reference than the float model: our codes are in it
@@ -57,8 +50,9 @@ def test_8da4w_carries_the_quantization_result(rtn4_ckpt, tiny_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_8da8w_within_tolerance(rtn4_ckpt, tiny_ckpt, tmp_path):
+def test_8da8w_within_tolerance(et_8da4w_cli, tiny_ckpt, tmp_path):
     from nima_edge.export import export
+    rtn4_ckpt = et_8da4w_cli[0]
     pte = export(rtn4_ckpt, "executorch", tmp_path / "8da8w", "8da8w")
     diff, agree, _ = _compare(rtn4_ckpt, pte, tiny_ckpt)
     assert diff < QUANT_TOL and agree >= ARGMAX_AGREEMENT

@@ -88,7 +88,7 @@ def test_data_prepare_survives_sigkill(tmp_path, shakespeare_path, n):
 
 # --- train ---------------------------------------------------------------------------------------
 
-TRAIN = ("--preset", "nima-0.5m", "--steps", 240, "--batch-size", 8, "--context", 64, "--eval-every", 40,
+TRAIN = ("--preset", "nima-0.5m", "--steps", 120, "--batch-size", 8, "--context", 64, "--eval-every", 20,
          "--threads", 1, "--lr", 3e-3)
 
 
@@ -108,7 +108,7 @@ def test_train_survives_sigkill_and_resumes(tmp_path, char_data, n):
     first = ("train", "--data", char_data, "--out", out, *TRAIN)
     duration = timed(*first)
     finished = checkpoint.read_meta(out)["training"]
-    assert finished["steps"] == 240
+    assert finished["steps"] == 120
     for delay, where in kills(n, duration, "train"):
         # each round starts the run over (--overwrite) and is killed; the killed run must be resumable
         killed_at((*first, "--overwrite"), delay)
@@ -116,10 +116,10 @@ def test_train_survives_sigkill_and_resumes(tmp_path, char_data, n):
         if last is None:
             continue  # killed before its first checkpoint: nothing to resume, nothing half-written either
         state = checkpointing.read_state(last)
-        resumed = run("train", "--data", char_data, "--out", out, "--resume")
+        resumed = run("train", "--data", char_data, "--out", out, "--resume", "--threads", 1)  # not a saved setting
         assert resumed.returncode == 0, f"{where}: {resumed.stderr}"
-        assert checkpoint.read_meta(out)["training"]["steps"] == 240, where
-        assert state["progress"]["step"] <= 240
+        assert checkpoint.read_meta(out)["training"]["steps"] == 120, where
+        assert state["progress"]["step"] <= 120
 
 
 # A child that trains like `nima-edge train`, but SIGKILLs itself in the middle of deleting the old copy
@@ -145,16 +145,16 @@ main()
 
 def test_train_resumes_after_a_kill_during_the_cleanup_of_the_old_checkpoint(tmp_path, char_data):
     out = tmp_path / "run"
-    args = ("train", "--data", char_data, "--out", out, *TRAIN[:2], "--steps", 120, *TRAIN[4:])  # saves every 40
+    args = ("train", "--data", char_data, "--out", out, *TRAIN[:2], "--steps", 60, *TRAIN[4:])  # saves every 20
     died = subprocess.run([sys.executable, "-c", DIE_IN_CLEANUP, *map(str, args)], capture_output=True, text=True)
     assert died.returncode == -signal.SIGKILL, died.stderr
     trash = [p for p in out.iterdir() if p.name.startswith(".last.nima-")]
     assert trash, "the kill did not land in the cleanup of the old copy"
     state = checkpointing.read_state(check_run_loads(out, "kill in cleanup"))
     assert state["progress"]["step"] > 0  # the new copy is complete and is the one read
-    resumed = run("train", "--data", char_data, "--out", out, "--resume")
+    resumed = run("train", "--data", char_data, "--out", out, "--resume", "--threads", 1)  # not a saved setting
     assert resumed.returncode == 0, resumed.stderr
-    assert checkpoint.read_meta(out)["training"]["steps"] == 120
+    assert checkpoint.read_meta(out)["training"]["steps"] == 60
     assert leftovers(out) == [], "the half-deleted old copy was not cleaned up"
 
 
@@ -174,7 +174,7 @@ def test_sigint_or_sigterm_saves_a_resumable_checkpoint(tmp_path, char_data, sig
     state = checkpointing.read_state(checkpointing.last_dir(out))
     step = state["progress"]["step"]
     assert step > 0 and state["progress"]["finished"] is None
-    resumed = run("train", "--data", char_data, "--out", out, "--resume", "--steps", step + 10)
+    resumed = run("train", "--data", char_data, "--out", out, "--resume", "--steps", step + 10, "--threads", 1)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {out} at step {step}" in resumed.stdout.replace("\n", "")
     assert checkpoint.read_meta(out)["training"]["steps"] == step + 10
