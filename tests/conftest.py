@@ -102,22 +102,38 @@ def tiny_pte(tmp_path_factory, tiny_ckpt) -> Path:
     return export(tiny_ckpt, "executorch", tmp_path_factory.mktemp("pte") / "tiny-et", "fp32")
 
 
+def one_layer_cut(ckpt: Path, out: Path) -> Path:
+    """`ckpt` cut to its first decoder layer (embedding, layer 0, final norm, head: all trained). ExecuTorch's
+    lowering costs per layer, so an export test on it takes about a third of the time."""
+    import dataclasses
+
+    from nima_edge import checkpoint
+    from nima_edge.model import NimaForCausalLM
+    model, tok = checkpoint.load(ckpt)
+    cut = NimaForCausalLM(dataclasses.replace(model.config, num_hidden_layers=1))
+    cut.load_state_dict({k: v for k, v in model.state_dict().items()
+                         if not k.startswith("model.layers.") or k.startswith("model.layers.0.")})
+    return checkpoint.save(out, cut, tok)
+
+
 @pytest.fixture(scope="session")
 def et_8da4w_cli(tmp_path_factory, tiny_ckpt):
-    """`nima-edge export` of an RTN int4 g32 result of tiny_ckpt to ExecuTorch 8da4w, run as a user runs it:
-    (the quantized checkpoint, the export directory, the finished process with its output). About 2
-    minutes, so the ExecuTorch quantization test and the quiet-terminal test share this one export."""
+    """`nima-edge export --target executorch --quant 8da4w` of an RTN int4 g32 result, run as a user runs
+    it: (the float checkpoint, its quantization result, the export directory, the finished process with
+    its output). The model is tiny_ckpt's one-layer cut; the ExecuTorch quantization test and the
+    quiet-terminal test share this one export."""
     pytest.importorskip("executorch", reason="the executorch extra is not installed")
     import subprocess
     import sys
     from nima_edge.export.quantize import quantize_checkpoint
     root = tmp_path_factory.mktemp("et8da4w")
-    rtn4 = quantize_checkpoint(tiny_ckpt, root / "rtn4", bits=4, group_size=32, method="rtn")
+    float_ckpt = one_layer_cut(tiny_ckpt, root / "one-layer")
+    rtn4 = quantize_checkpoint(float_ckpt, root / "rtn4", bits=4, group_size=32, method="rtn")
     out = root / "8da4w"
     p = subprocess.run([sys.executable, "-m", "nima_edge", "export", str(rtn4), "--target", "executorch",
                         "--quant", "8da4w", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr
-    return rtn4, out, p
+    return float_ckpt, rtn4, out, p
 
 
 @pytest.fixture

@@ -39,22 +39,22 @@ def _compare(ckpt, pte, float_ckpt):
     return np.abs(got - r).max(), (got.argmax(1) == r.argmax(1)).mean(), np.abs(got - f).max()
 
 
-def test_8da4w_carries_the_quantization_result(et_8da4w_cli, tiny_ckpt):
-    rtn4_ckpt, pte, _ = et_8da4w_cli  # exported by the command line (shared with the quiet-terminal test)
-    diff, agree, diff_float = _compare(rtn4_ckpt, pte, tiny_ckpt)
+def test_8da4w_carries_the_quantization_result(et_8da4w_cli):
+    float_ckpt, rtn4_ckpt, pte, _ = et_8da4w_cli  # exported by the command line (shared with the quiet-terminal test)
+    diff, agree, diff_float = _compare(rtn4_ckpt, pte, float_ckpt)
     assert diff < QUANT_TOL and agree >= ARGMAX_AGREEMENT
     assert diff < diff_float  # nearer the fake-quant reference than the float model: our codes are in it
     info = read_manifest(pte)["quantization"]
     assert info["scheme"] == "8da4w" and info["group_size"] == [32] and info["method"] == ["rtn"]
-    assert (pte / "model.pte").stat().st_size < 0.6 * (tiny_ckpt / "model.safetensors").stat().st_size
+    assert (pte / "model.pte").stat().st_size < 0.6 * (float_ckpt / "model.safetensors").stat().st_size
 
 
 @pytest.mark.slow
-def test_8da8w_within_tolerance(et_8da4w_cli, tiny_ckpt, tmp_path):
+def test_8da8w_within_tolerance(et_8da4w_cli, tmp_path):
     from nima_edge.export import export
-    rtn4_ckpt = et_8da4w_cli[0]
+    float_ckpt, rtn4_ckpt = et_8da4w_cli[:2]
     pte = export(rtn4_ckpt, "executorch", tmp_path / "8da8w", "8da8w")
-    diff, agree, _ = _compare(rtn4_ckpt, pte, tiny_ckpt)
+    diff, agree, _ = _compare(rtn4_ckpt, pte, float_ckpt)
     assert diff < QUANT_TOL and agree >= ARGMAX_AGREEMENT
     assert "per output channel" in read_manifest(pte)["quantization"]["source"]
 
