@@ -94,14 +94,6 @@ def tiny_ref(tiny_ckpt):
     return TorchRuntime(tiny_ckpt)
 
 
-@pytest.fixture(scope="session")
-def tiny_pte(tmp_path_factory, tiny_ckpt) -> Path:
-    """The fp32 ExecuTorch export of tiny_ckpt (a directory: model.pte + tokenizer.json), about 30 s."""
-    pytest.importorskip("executorch", reason="the executorch extra is not installed")
-    from nima_edge.export import export
-    return export(tiny_ckpt, "executorch", tmp_path_factory.mktemp("pte") / "tiny-et", "fp32")
-
-
 def one_layer_cut(ckpt: Path, out: Path) -> Path:
     """`ckpt` cut to its first decoder layer (embedding, layer 0, final norm, head: all trained). ExecuTorch's
     lowering costs per layer, so an export test on it takes about a third of the time."""
@@ -117,23 +109,36 @@ def one_layer_cut(ckpt: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def et_8da4w_cli(tmp_path_factory, tiny_ckpt):
+def tiny_et_ckpt(tmp_path_factory, tiny_ckpt) -> Path:
+    """tiny_ckpt's one-layer cut: the model the ExecuTorch exports in the default suite are made from."""
+    return one_layer_cut(tiny_ckpt, tmp_path_factory.mktemp("cut") / "tiny-1layer")
+
+
+@pytest.fixture(scope="session")
+def tiny_pte(tmp_path_factory, tiny_et_ckpt) -> Path:
+    """The fp32 ExecuTorch export of tiny_et_ckpt (a directory: model.pte + tokenizer.json), about 25 s."""
+    pytest.importorskip("executorch", reason="the executorch extra is not installed")
+    from nima_edge.export import export
+    return export(tiny_et_ckpt, "executorch", tmp_path_factory.mktemp("pte") / "tiny-et", "fp32")
+
+
+@pytest.fixture(scope="session")
+def et_8da4w_cli(tmp_path_factory, tiny_et_ckpt):
     """`nima-edge export --target executorch --quant 8da4w` of an RTN int4 g32 result, run as a user runs
     it: (the float checkpoint, its quantization result, the export directory, the finished process with
-    its output). The model is tiny_ckpt's one-layer cut; the ExecuTorch quantization test and the
-    quiet-terminal test share this one export."""
+    its output). The model is tiny_et_ckpt; the ExecuTorch quantization test and the quiet-terminal test
+    share this one export."""
     pytest.importorskip("executorch", reason="the executorch extra is not installed")
     import subprocess
     import sys
     from nima_edge.export.quantize import quantize_checkpoint
     root = tmp_path_factory.mktemp("et8da4w")
-    float_ckpt = one_layer_cut(tiny_ckpt, root / "one-layer")
-    rtn4 = quantize_checkpoint(float_ckpt, root / "rtn4", bits=4, group_size=32, method="rtn")
+    rtn4 = quantize_checkpoint(tiny_et_ckpt, root / "rtn4", bits=4, group_size=32, method="rtn")
     out = root / "8da4w"
     p = subprocess.run([sys.executable, "-m", "nima_edge", "export", str(rtn4), "--target", "executorch",
                         "--quant", "8da4w", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr
-    return float_ckpt, rtn4, out, p
+    return tiny_et_ckpt, rtn4, out, p
 
 
 @pytest.fixture

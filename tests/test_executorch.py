@@ -23,8 +23,9 @@ def teacher_forced(rt, ids, split=8):
 
 
 @pytest.fixture(scope="module")
-def torch_rt(tiny_ref):
-    return tiny_ref
+def torch_rt(tiny_et_ckpt):
+    from nima_edge.runtimes.torch_reference import TorchRuntime
+    return TorchRuntime(tiny_et_ckpt)  # the checkpoint tiny_pte was exported from
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_stock_runner_generates_like_pytorch(tiny_pte, torch_rt):
     assert expected and "".join(pieces) == expected
 
 
-def test_metadata_and_manifest(tiny_pte, et_rt, tiny_ckpt):
+def test_metadata_and_manifest(tiny_pte, et_rt, tiny_et_ckpt):
     m = et_rt.metadata
     assert m["get_max_context_len"] == 256 and m["get_bos_id"] == 0 and m["get_eos_ids"] == [1]
     assert m["use_kv_cache"] and m["use_sdpa_with_kv_cache"] and m["enable_dynamic_shape"]
@@ -81,7 +82,7 @@ def test_metadata_and_manifest(tiny_pte, et_rt, tiny_ckpt):
     assert manifest["target"] == "executorch" and manifest["quant"] == "fp32"
     assert {f["name"] for f in manifest["files"]} == {"model.pte", "tokenizer.json", "tokenizer_config.json",
                                                          "generation_config.json"}  # end ids for the runner
-    assert manifest["source"]["checkpoint"] == str(tiny_ckpt)
+    assert manifest["source"]["checkpoint"] == str(tiny_et_ckpt)
 
 
 def test_detect_target(tiny_pte):
