@@ -6,7 +6,7 @@ import pytest
 from nima_edge.errors import NimaError
 from nima_edge.train import recipe
 from nima_edge.train.recipe import TrainConfig
-from nima_edge.train.tune import batch_sizes, tune
+from nima_edge.train.tune import EVALS_PER_TRIAL, batch_sizes, pruning_step, tune
 
 optuna = pytest.importorskip("optuna")
 BASE = TrainConfig(preset="nima-0.5m", context=32, eval_windows=2)
@@ -79,3 +79,12 @@ def test_the_shape_is_searched_among_presets_each_at_its_declared_context(char_d
     cfg = recipe.load(out)
     assert figures["presets_searched"] == ["nima-0.5m", "nima-1m"] and cfg.preset in figures["presets_searched"]
     assert cfg.context == 256  # both declare 256 positions; the base recipe's 32 is not what they are used at
+
+
+def test_the_pruner_compares_trials_at_equal_time_and_only_at_the_full_context():
+    """Steps are shares of the trial's time; a trial still on short windows (validation at 256 positions
+    of a model trained on 64) reports nothing, or the ones with the most short windows would be pruned."""
+    plain = TrainConfig(preset="nima-1m", context=256)
+    assert [pruning_step(plain, t, 60) for t in (5, 10, 30, 59, 61)] == [0, 1, 3, 5, EVALS_PER_TRIAL]
+    short = TrainConfig(preset="nima-1m", context=256, short_context=64, short_fraction=0.75)
+    assert [pruning_step(short, t, 60) for t in (10, 44.9, 45, 59, 60)] == [None, None, 4, 5, EVALS_PER_TRIAL]

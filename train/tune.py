@@ -75,6 +75,16 @@ def suggest(trial, base: TrainConfig, trial_seconds: float, evals_every: dict[st
     }).validate()
 
 
+def pruning_step(cfg: TrainConfig, elapsed_s: float, trial_s: float) -> int | None:
+    """The pruner's step for an evaluation `elapsed_s` into a trial: the share of the slice spent, in
+    EVALS_PER_TRIAL buckets (trials of any speed line up), or None while the trial still trains on short
+    windows. Validation is scored at the full context, where a short-window phase leaves positions
+    untrained: its loss says little, and comparing it would prune the trials with the most short windows."""
+    if cfg.short_context and elapsed_s < cfg.short_fraction * trial_s:
+        return None
+    return min(EVALS_PER_TRIAL, int(elapsed_s / trial_s * EVALS_PER_TRIAL))
+
+
 def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: float, trial_s: float,
          seed: int = 0, log=print, pruner=None, presets: tuple[str, ...] = ()) -> dict:
     """Search for `budget_s` seconds in trials of `trial_s`; write the best recipe to `out`; return its figures.
@@ -95,13 +105,12 @@ def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: flo
         reported = set()
 
         def report(step: int, metrics: dict) -> None:
-            # the key is the share of the slice spent, in EVALS_PER_TRIAL buckets: trials of any speed line up
-            bucket = min(EVALS_PER_TRIAL, int(metrics["elapsed_s"] / trial_s * EVALS_PER_TRIAL))
-            if bucket in reported:
+            bucket = pruning_step(cfg, metrics["elapsed_s"], trial_s)
+            if bucket is None or bucket in reported:
                 return
             reported.add(bucket)
             trial.report(metrics["loss"], step=bucket)
-            if trial.should_prune():
+            if bucket < EVALS_PER_TRIAL and trial.should_prune():  # a finished trial keeps its result
                 raise optuna.TrialPruned()
 
         with tempfile.TemporaryDirectory(prefix="nima-tune-") as tmp:
