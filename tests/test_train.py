@@ -271,6 +271,19 @@ def test_a_context_override_below_the_recipes_short_windows_trains_plain_windows
     assert recipe.build_config("nima-1m", {"context": 128}).short_context == 64  # still divides: kept
 
 
+def test_the_short_window_phase_is_also_scored_at_its_window(char_data, tmp_path):
+    """Full-context validation during short windows scores untrained positions; the loss at the training
+    window is logged beside it (metrics.jsonl, the log line), and only while the windows are short."""
+    lines = []
+    train(char_data, tmp_path / "run", tiny(max_steps=4, eval_every=1, short_context=8, short_fraction=0.5),
+          log=lines.append)
+    from nima_edge.train.tracking import read_metrics
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "eval"]
+    assert [r.get("window_context") for r in evals] == [8, 8, None, None]
+    assert all(0 < r["window_loss"] < 10 and r["window_loss"] != r["loss"] for r in evals[:2])
+    assert sum("(at 8 positions: " in line for line in lines) == 2
+
+
 def test_short_windows_reach_the_model(baseline_run, char_data, tmp_path):
     train(char_data, tmp_path / "short", tiny(max_steps=3, short_context=8, short_fraction=0.5), **QUIET)
     a, b = weights(tmp_path / "short" / "last"), weights(baseline_run / "last")

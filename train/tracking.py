@@ -97,8 +97,9 @@ def plot_losses(metrics: Path, out: Path) -> Path:
 
     recs = read_metrics(metrics)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for event, label, style in (("train", "train loss", "-"), ("eval", "val loss", "o-")):
-        pts = [(r["step"], r["loss"]) for r in recs if r["event"] == event and "loss" in r]
+    for event, key, label, style in (("train", "loss", "train loss", "-"), ("eval", "loss", "val loss", "o-"),
+                                     ("eval", "window_loss", "val loss at the short training window", "s--")):
+        pts = [(r["step"], r[key]) for r in recs if r["event"] == event and key in r]
         if pts:
             ax.plot(*zip(*pts), style, label=label, markersize=3)
     ax.set_xlabel("optimizer step")

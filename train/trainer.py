@@ -329,6 +329,8 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
                     stop = 0.0
                     if dist.main:
                         metrics = job.evaluate(model, cfg)
+                        if window.context < cfg.context:  # short windows: also score what is being trained
+                            metrics["window"] = {"context": window.context, **job.evaluate(model, window)}
                         stop = float(_after_eval(out, job, model, tok, cfg, progress, metrics, tracker, log,
                                                  train_loss))
                     if dist.broadcast([stop])[0] and finishing is None:
@@ -438,9 +440,13 @@ def _after_eval(out: Path, job: Job, model, tok, cfg: TrainConfig, progress: dic
                 train_loss: float) -> bool:
     """Record an evaluation, publish the model if it is the best so far; True when patience ran out."""
     step = progress["step"]
+    window = metrics.get("window")
     metrics = {k: metrics[k] for k in ("loss", "perplexity", "bits_per_char", "tokens")}
     progress["last_eval"] = {"step": step, **metrics}
-    tracker.log("eval", step, **metrics)
+    # During a short-window phase the full-context loss scores positions not trained yet (it rises while
+    # the model learns): the loss at the training window is logged beside it, to see learning and overfitting.
+    tracker.log("eval", step, **metrics, **({"window_context": window["context"], "window_loss": window["loss"]}
+                                           if window else {}))
     improved = metrics["loss"] < progress["best_loss"] - cfg.min_delta
     if improved:
         progress.update(best_loss=metrics["loss"], best_step=step, bad_evals=0)
@@ -449,7 +455,8 @@ def _after_eval(out: Path, job: Job, model, tok, cfg: TrainConfig, progress: dic
             "best_step": step, "val": metrics, "train_config": cfg.to_dict()}}, extra_files=extra)
     else:
         progress["bad_evals"] += 1
-    log(f"step {step}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
+    at_window = f" (at {window['context']} positions: {window['loss']:.4f})" if window else ""
+    log(f"step {step}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}{at_window}, "
         f"val bpc {metrics['bits_per_char']:.3f}" + ("  (best)" if improved else f"  ({progress['bad_evals']} "
                                                       f"without improvement)"))
     return cfg.patience > 0 and progress["bad_evals"] >= cfg.patience
