@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -122,14 +124,18 @@ def tiny_pte(tmp_path_factory, tiny_et_ckpt) -> Path:
     return export(tiny_et_ckpt, "executorch", tmp_path_factory.mktemp("pte") / "tiny-et", "fp32")
 
 
+class CliExport(NamedTuple):
+    float_ckpt: Path  # the float checkpoint
+    quantized: Path  # its quantization result, the one exported
+    out: Path  # the export directory
+    process: subprocess.CompletedProcess  # the finished command, with its output
+
+
 @pytest.fixture(scope="session")
-def et_8da4w_cli(tmp_path_factory, tiny_et_ckpt):
-    """`nima-edge export --target executorch --quant 8da4w` of an RTN int4 g32 result, run as a user runs
-    it: (the float checkpoint, its quantization result, the export directory, the finished process with
-    its output). The model is tiny_et_ckpt; the ExecuTorch quantization test and the quiet-terminal test
-    share this one export."""
+def et_8da4w_cli(tmp_path_factory, tiny_et_ckpt) -> CliExport:
+    """`nima-edge export --target executorch --quant 8da4w` of an RTN int4 g32 result of tiny_et_ckpt, run
+    as a user runs it. The ExecuTorch quantization test and the quiet-terminal test share this one export."""
     pytest.importorskip("executorch", reason="the executorch extra is not installed")
-    import subprocess
     import sys
     from nima_edge.export.quantize import quantize_checkpoint
     root = tmp_path_factory.mktemp("et8da4w")
@@ -138,7 +144,7 @@ def et_8da4w_cli(tmp_path_factory, tiny_et_ckpt):
     p = subprocess.run([sys.executable, "-m", "nima_edge", "export", str(rtn4), "--target", "executorch",
                         "--quant", "8da4w", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr
-    return tiny_et_ckpt, rtn4, out, p
+    return CliExport(tiny_et_ckpt, rtn4, out, p)
 
 
 @pytest.fixture

@@ -210,7 +210,7 @@ def test_registry_describes_every_target_once():
 def test_cli_is_quiet(et_8da4w_cli):
     """Third-party warnings and logging stay out of a user's terminal unless --verbose: an ExecuTorch
     8da4w export, where torchao, torch's pytree and executorch's custom ops all speak, prints only ours."""
-    p = et_8da4w_cli[3]
+    p = et_8da4w_cli.process
     ours = ("wrote ", "exporting and lowering", "quantizing linears (8da4w)")
     noise = [line for line in (p.stdout + p.stderr).splitlines() if line.strip() and not line.startswith(ours)]
     assert not noise, noise

@@ -40,7 +40,7 @@ def _compare(ckpt, pte, float_ckpt):
 
 
 def test_8da4w_carries_the_quantization_result(et_8da4w_cli):
-    float_ckpt, rtn4_ckpt, pte, _ = et_8da4w_cli  # exported by the command line (shared with the quiet-terminal test)
+    float_ckpt, rtn4_ckpt, pte = et_8da4w_cli.float_ckpt, et_8da4w_cli.quantized, et_8da4w_cli.out  # by the CLI
     diff, agree, diff_float = _compare(rtn4_ckpt, pte, float_ckpt)
     assert diff < QUANT_TOL and agree >= ARGMAX_AGREEMENT
     assert diff < diff_float  # nearer the fake-quant reference than the float model: our codes are in it
@@ -52,7 +52,7 @@ def test_8da4w_carries_the_quantization_result(et_8da4w_cli):
 @pytest.mark.slow
 def test_8da8w_within_tolerance(et_8da4w_cli, tmp_path):
     from nima_edge.export import export
-    float_ckpt, rtn4_ckpt = et_8da4w_cli[:2]
+    float_ckpt, rtn4_ckpt = et_8da4w_cli.float_ckpt, et_8da4w_cli.quantized
     pte = export(rtn4_ckpt, "executorch", tmp_path / "8da8w", "8da8w")
     diff, agree, _ = _compare(rtn4_ckpt, pte, float_ckpt)
     assert diff < QUANT_TOL and agree >= ARGMAX_AGREEMENT
