@@ -209,7 +209,9 @@ def test_text_finetune_full(tiny_ckpt, shakespeare_path, tmp_path):
 
 def test_finetune_settings_are_checked(tiny_ckpt, chat_file, tmp_path):
     with pytest.raises(NimaError, match="LoRA keeps them frozen"):
-        ft.FinetuneConfig(qat="int4-g32").validate()
+        ft.finetune(tiny_ckpt, chat_file, tmp_path / "lora-qat", tiny_cfg(tiny_ckpt, qat="int4-g32"), **QUIET)
+    with pytest.raises(NimaError, match="qat_fraction = 0 must be in"):
+        tiny_cfg(tiny_ckpt, qat="int4-g32", qat_fraction=0)
     with pytest.raises(NimaError, match="not linears"):
         ft.FinetuneConfig(lora_targets=["embed_tokens"]).validate()
     with pytest.raises(NimaError, match="unknown QAT scheme"):
@@ -259,8 +261,8 @@ def test_activation_fake_quant_is_xnnpacks_per_token_rule():
 @pytest.fixture(scope="module")
 def qat_run(tiny_ckpt, chat_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ft") / "qat"
-    ft.finetune(tiny_ckpt, chat_file, out, tiny_cfg(tiny_ckpt, max_steps=8, eval_every=4),
-                ft.FinetuneConfig(full=True, qat="int4-g32", qat_fraction=0.5), **QUIET)
+    ft.finetune(tiny_ckpt, chat_file, out, tiny_cfg(tiny_ckpt, max_steps=8, eval_every=4, qat="int4-g32",
+                                                     qat_fraction=0.5), ft.FinetuneConfig(full=True), **QUIET)
     return out
 
 

@@ -126,10 +126,12 @@ def test_gradient_clipping_bounds_the_step(char_data, tmp_path):
     assert moved[1e-12] < 1e-5
 
 
-@pytest.mark.parametrize("windows", [{}, {"short_context": 8, "short_fraction": 0.75}], ids=["full", "short-then-long"])
+@pytest.mark.parametrize("windows", [{}, {"short_context": 8, "short_fraction": 0.75},
+                                     {"qat": "int4-g32", "qat_fraction": 0.5}], ids=["full", "short-then-long", "qat"])
 def test_resume_equals_uninterrupted(char_data, tmp_path, windows):
     """train 12 == train, crash at 9 (last checkpoint at 8), resume to 12; with dropout, so RNG state matters.
-    With short windows for steps 0-8 the resume starts in the short part and crosses into the long one."""
+    With short windows for steps 0-8 the resume starts in the short part and crosses into the long one;
+    with QAT from step 6 it resumes inside the fake-quantized part (switched on again)."""
     cfg = tiny(max_steps=12, dropout=0.1, eval_every=3, checkpoint_every=4, **windows)
     train(char_data, tmp_path / "straight", cfg, **QUIET)
 
@@ -328,6 +330,24 @@ def test_cli_bad_recipe_is_a_clean_error(tmp_path):
                            str(tmp_path / "o")], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "fix:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pretraining_with_qat_ships_a_quantization_aware_model(cli, char_data, tmp_path):
+    """`train --qat`: the last part of pretraining is fake-quantized, the best model is chosen among those
+    evaluations, and `quantize --method qat` reads off its codes."""
+    from nima_edge.quantization import load_quant
+    out = tmp_path / "run"
+    code, _, err = cli("train", "--data", char_data, "--out", out, "--preset", "nima-0.5m", "--context", 32,
+                       "--batch-size", 8, "--steps", 8, "--eval-every", 2, "--qat", "int4-g32", "--qat-fraction", 0.5,
+                       "--threads", 1)
+    assert code == 0, err
+    meta = checkpoint.read_meta(out)
+    assert meta["qat"]["name"] == "int4-g32" and meta["training"]["best"]["step"] >= 4
+    code, _, err = cli("quantize", out, "--method", "qat", "--out", tmp_path / "q")
+    assert code == 0, err
+    assert {q.method for q in load_quant(tmp_path / "q").values()} == {"qat"}
+    code, _, err = cli("train", "--data", char_data, "--out", tmp_path / "bad", "--qat", "int3-g32")
+    assert code != 0 and "unknown QAT scheme" in err
 
 
 def test_uneven_batch_split_is_an_error(char_data, tmp_path):

@@ -15,9 +15,10 @@ names). The run directory OUT ends as
                                                (PeftModel.from_pretrained / llama.cpp via
                                                `export --target gguf --lora OUT/adapter`)
   OUT/last/   resumable: the base weights, the adapter (or full weights), optimizer, RNG, progress
-With `qat`, the decoder linears train through fake quantization (train/qat.py) for the last
-`qat_fraction` of the run; the best model is chosen among the fake-quantized evaluations and its
-nima.json names the scheme, so `nima-edge quantize --method qat` reads off the trained codes.
+With the loop's `qat` setting (full fine-tuning only), the decoder linears train through fake
+quantization (train/qat.py) for the last `qat_fraction` of the run, as in pretraining; the best model
+is chosen among the fake-quantized evaluations and its nima.json names the scheme, so
+`nima-edge quantize --method qat` reads off the trained codes.
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ from nima_edge import chat_data, checkpoint
 from nima_edge.config import PRESETS
 from nima_edge.errors import NimaError
 from nima_edge.model import Attention, NimaForCausalLM
-from nima_edge.train import checkpointing, qat, recipe
+from nima_edge.train import checkpointing, recipe
 from nima_edge.train.recipe import TrainConfig
-from nima_edge.train.trainer import Job, PretrainJob, run_fraction, train
+from nima_edge.train.trainer import Job, PretrainJob, train
 
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names
@@ -59,8 +60,6 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: list(LINEAR_NAMES))
-    qat: str | None = None  # e.g. "int4-g32" or "8da4w"
-    qat_fraction: float = 0.5  # QAT runs over this last part of the run
     val_fraction: float = 0.1  # chat data: conversations held out for validation
 
     def validate(self) -> "FinetuneConfig":
@@ -75,13 +74,6 @@ class FinetuneConfig:
             if unknown or not self.lora_targets:
                 raise NimaError(f"LoRA target modules {unknown or '(none)'} are not linears of the model",
                                 f"choose from: {', '.join(LINEAR_NAMES)}")
-        if self.qat is not None:
-            qat.parse(self.qat)
-            if not self.full:
-                raise NimaError("QAT trains the weights that get quantized, but LoRA keeps them frozen",
-                                "add --full to fine-tune every weight with --qat")
-            if not 0 < self.qat_fraction <= 1:
-                raise NimaError(f"qat_fraction {self.qat_fraction} must be in (0, 1]", "e.g. 0.5: the last half")
         if not 0 < self.val_fraction < 1:
             raise NimaError(f"val fraction {self.val_fraction} must be between 0 and 1", "use e.g. 0.1")
         return self
@@ -206,7 +198,6 @@ class FinetuneJob(Job):
         self.source: Job = (ChatJob(data, tok, ft.val_fraction, seed) if chat_data.is_chat_file(data)
                             else text_job(data, tok, out))
         self.kind = "chat" if isinstance(self.source, ChatJob) else "text"
-        self.scheme = qat.parse(ft.qat) if ft.qat else None
         self.info = {"source": str(ckpt.resolve()), "source_sha256": checkpoint.checkpoint_hash(ckpt),
                      "data": str(data.resolve()), "data_kind": self.kind, **ft.to_dict()}
 
@@ -215,6 +206,9 @@ class FinetuneJob(Job):
         if cfg.short_context:  # packed conversations are cut at one context; a second packing is not built
             raise NimaError("short_context applies to pretraining, not to fine-tuning",
                             "set short_context = 0 in the fine-tune recipe")
+        if cfg.qat and not self.ft.full:
+            raise NimaError("QAT trains the weights that get quantized, but LoRA keeps them frozen",
+                            "add --full to fine-tune every weight with --qat")
         if cfg.context > self.base.config.max_position_embeddings:
             raise NimaError(f"context {cfg.context} exceeds the model's {self.base.config.max_position_embeddings}",
                             f"use --context {self.base.config.max_position_embeddings} or less")
@@ -222,7 +216,7 @@ class FinetuneJob(Job):
 
     def describe(self) -> str:
         how = "full fine-tuning" if self.ft.full else f"LoRA r={self.ft.lora_rank} alpha={self.ft.lora_alpha:g}"
-        return f"{how}{f', QAT {self.scheme.name}' if self.scheme else ''}, {self.source.describe()}"
+        return f"{how}, {self.source.describe()}"
 
     def draw(self, cfg, step):
         return self.source.draw(cfg, step)
@@ -237,19 +231,9 @@ class FinetuneJob(Job):
     def build_model(self, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
         model = copy.deepcopy(self.base)
         set_dropout(model, cfg.dropout)
-        if self.scheme:
-            qat.check_model(model, self.scheme)
         if not self.ft.full:
             model = add_lora(model, self.ft)
         return model.to(device).train()
-
-    def before_step(self, model, cfg: TrainConfig, progress: dict) -> None:
-        if self.scheme is None or qat.is_enabled(model):
-            return
-        if run_fraction(progress, cfg) >= 1 - self.ft.qat_fraction:
-            qat.enable(model, self.scheme)
-            if progress.get("qat_step") is None:  # the float phase's best is no model to quantize
-                progress.update(qat_step=progress["step"], best_loss=math.inf, best_step=None, bad_evals=0)
 
     def restore(self, model, last: Path, device: torch.device) -> None:
         if self.ft.full:
@@ -270,8 +254,6 @@ class FinetuneJob(Job):
 
     def publishable(self, model) -> tuple[NimaForCausalLM, dict[str, bytes], dict]:
         meta = {"finetune": self.info}
-        if self.scheme and qat.is_enabled(model):
-            meta["qat"] = self.scheme.to_dict()
         if self.ft.full:
             return model, {}, meta
         files = {f"{ADAPTER_DIR}/{k}": v for k, v in adapter_files(model, self.ckpt).items()}

@@ -16,7 +16,8 @@ Embeddings, lm_head and norms stay float, as in the quantization core, and each 
 of the quantization core's group plan (a smaller group where the scheme's does not divide its width,
 float where none does), so the trained grid is the one `quantize` would use. The fake-quant forward is
 switched on in place (the Linear's class becomes FakeQuantLinear: same parameters, same names, so
-checkpoints and optimizer state are untouched) for the last part of a run (finetune.py decides when).
+checkpoints and optimizer state are untouched) for the last `qat_fraction` of a run (the training loop,
+train/trainer.py, decides when: pretraining and fine-tuning alike).
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ A recipe groups the settings into sections; every key is a `TrainConfig` field:
     [run]       max_steps, max_seconds, precision, device, seed
     [eval]      eval_every, eval_windows, patience, min_delta, checkpoint_every
     [tracking]  log_every, mlflow
+    [qat]       qat, qat_fraction
     [measured]  free-form: the figures this recipe reached (documentation, not settings)
 """
 from __future__ import annotations
@@ -73,6 +74,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = at every evaluation
     log_every: int = 10
     mlflow: bool = False
+    # Quantization-aware training (train/qat.py): e.g. "int4-g32" or "8da4w" fake-quantizes the decoder
+    # linears for the last qat_fraction of the run (pretraining or fine-tuning alike), on the grid of
+    # `nima-edge quantize`; the best model is chosen among the fake-quantized evaluations.
+    qat: str | None = None
+    qat_fraction: float = 0.5
 
     def validate(self) -> "TrainConfig":
         def bad(name: str, why: str, fix: str):
@@ -120,6 +126,11 @@ class TrainConfig:
                 bad("short_fraction", "must be in (0, 1) with a short_context", "e.g. short_fraction = 0.7")
         elif self.short_fraction:
             bad("short_fraction", "needs a short_context", "set short_context too, or short_fraction = 0")
+        if self.qat is not None:
+            from nima_edge.train.qat import parse  # the scheme names live with the fake quantization
+            parse(self.qat)
+            if not 0 < self.qat_fraction <= 1:
+                bad("qat_fraction", "must be in (0, 1]", "e.g. 0.5: the last half of the run")
         max_ctx = PRESETS.get(self.preset, {}).get("max_position_embeddings", self.context)
         if self.context > max_ctx:
             bad("context", f"exceeds the {self.preset} context of {max_ctx}", f"use context <= {max_ctx}")
@@ -137,6 +148,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "run": ("max_steps", "max_seconds", "precision", "device", "seed"),
     "eval": ("eval_every", "eval_windows", "patience", "min_delta", "checkpoint_every"),
     "tracking": ("log_every", "mlflow"),
+    "qat": ("qat", "qat_fraction"),
 }
 FREE_SECTIONS = ("measured",)
 _TYPES = typing.get_type_hints(TrainConfig)

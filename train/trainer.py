@@ -32,7 +32,7 @@ from nima_edge.errors import NimaError
 from nima_edge.evaluate import evaluate, windows
 from nima_edge.model import NimaForCausalLM
 from nima_edge.tokenizer import Tokenizer
-from nima_edge.train import checkpointing, distributed, optim, recipe
+from nima_edge.train import checkpointing, distributed, optim, qat, recipe
 from nima_edge.train.recipe import TrainConfig
 from nima_edge.train.schedules import lr_at
 from nima_edge.train.tracking import Tracker
@@ -70,9 +70,6 @@ class Job:
         """Load the weights saved in OUT/last (by `resumable`) into `model`."""
         weights, _ = checkpoint.load(last, device=str(device))
         model.load_state_dict(weights.state_dict())
-
-    def before_step(self, model: torch.nn.Module, cfg: TrainConfig, progress: dict) -> None:
-        """Called before every optimizer step (e.g. to switch on fake quantization late in a run)."""
 
     def draw(self, cfg: TrainConfig, step: int) -> np.ndarray:
         """The global batch of `step` as `batch_size` item indices (a pure function of seed and step)."""
@@ -250,6 +247,9 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = job.build_model(cfg, dev)
+    scheme = qat.parse(cfg.qat) if cfg.qat else None
+    if scheme:
+        qat.check_model(model, scheme)
     opt = optim.build(model, cfg)
     autocast, scaler = _precision(cfg, dev)
     progress = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_loss": math.inf, "best_step": None,
@@ -282,6 +282,7 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
                     parameters=_count(model), trained_parameters=_count(model, trainable=True))
         log(f"{cfg.preset}: {_count(model):,} parameters ({_count(model, trainable=True):,} trained), "
             f"{job.describe()}, "
+            + (f"QAT {scheme.name} over the last {cfg.qat_fraction:.0%}, " if scheme else "") +
             f"{dist.world} process(es) on {dev}, global batch {cfg.batch_size} x {cfg.context} tokens")
 
     step_tokens = cfg.batch_size * cfg.context
@@ -301,7 +302,8 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
                 lr = lr_at(step, cfg, frac)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                job.before_step(model, cfg, progress)
+                if scheme:
+                    _switch_on_qat(model, scheme, cfg, progress)
                 window = window_at(cfg, step, elapsed)
                 micro = window.batch_size // per_step
                 items = job.draw(window, step)
@@ -395,6 +397,16 @@ def window_at(cfg: TrainConfig, step: int, elapsed: float) -> TrainConfig:
                                batch_size=cfg.batch_size * (cfg.context // cfg.short_context))
 
 
+def _switch_on_qat(model: torch.nn.Module, scheme: qat.QatScheme, cfg: TrainConfig, progress: dict) -> None:
+    """Fake quantization from the last cfg.qat_fraction of the run on (again after a resume). The best
+    model so far is forgotten when it starts: a float model is not the one to quantize."""
+    if qat.is_enabled(model) or run_fraction(progress, cfg) < 1 - cfg.qat_fraction:
+        return
+    qat.enable(model, scheme)
+    if progress.get("qat_step") is None:
+        progress.update(qat_step=progress["step"], best_loss=math.inf, best_step=None, bad_evals=0)
+
+
 def run_fraction(progress: dict, cfg: TrainConfig) -> float:
     """How far the run is through whichever budget (steps or seconds) ends it first."""
     frac = progress["step"] / cfg.max_steps
@@ -451,6 +463,8 @@ def _after_eval(out: Path, job: Job, model, tok, cfg: TrainConfig, progress: dic
     if improved:
         progress.update(best_loss=metrics["loss"], best_step=step, bad_evals=0)
         ship, extra, meta = job.publishable(model)
+        if qat.is_enabled(model):  # quantize --method qat reads the scheme from here
+            meta = {**meta, "qat": qat.parse(cfg.qat).to_dict()}
         checkpointing.publish(out, ship, tok, meta={"preset": cfg.preset, **meta, "training": {
             "best_step": step, "val": metrics, "train_config": cfg.to_dict()}}, extra_files=extra)
     else:

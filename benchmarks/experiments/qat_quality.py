@@ -12,6 +12,13 @@ fine-tune with the same steps and settings, without QAT, is the control: it is t
 model should be held to (QAT's extra steps also train), so each quantized model's gap is measured
 against its own float model: RTN and GPTQ against the checkpoint, QAT against the control.
 "QAT gap / GPTQ gap" divides those two gaps at the same group size.
+
+QAT through the end of pretraining instead of a fine-tune: train the float model and, with the same
+recipe and seed, a second one with `nima-edge train --qat int4-gG --qat-fraction F`; pass the first as
+--ckpt and the second as `--qat-run G=RUN`. No fine-tunes then: the QAT model's float reference is the
+float checkpoint itself (the same pretraining without fake quantization).
+
+    python benchmarks/experiments/qat_quality.py --ckpt runs/float --qat-run 32=runs/qat-g32 --groups 32 ...
 """
 from __future__ import annotations
 
@@ -40,13 +47,15 @@ def finetune(ckpt: Path, data: Path, out: Path, steps: int, scheme: str | None) 
     if (out / "nima.json").is_file():
         return out  # reuse a finished run (the script is restartable)
     cfg = ft.build_config(ckpt, None, {"max_steps": steps, "eval_every": max(steps // 5, 1), "patience": 0,
-                                       "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 10, "batch_size": 16})
-    settings = ft.FinetuneConfig(full=True, qat=scheme, qat_fraction=1.0)
+                                       "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 10, "batch_size": 16,
+                                       **({"qat": scheme, "qat_fraction": 1.0} if scheme else {})})
+    settings = ft.FinetuneConfig(full=True)
     ft.finetune(ckpt, data, out, cfg, settings, progress_bar=False)
     return out
 
 
-def run(ckpt: Path, data: Path, out: Path, steps: int, groups: list[int], windows: int) -> dict:
+def run(ckpt: Path, data: Path, out: Path, steps: int, groups: list[int], windows: int,
+        qat_runs: dict[int, Path] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     load = [os.getloadavg()[0]]
     rows = []
@@ -63,31 +72,39 @@ def run(ckpt: Path, data: Path, out: Path, steps: int, groups: list[int], window
         print(f"{name:24s} llama.cpp ppl {r['perplexity']:.4f}  (PyTorch {r['torch_perplexity']:.4f})", flush=True)
 
     add("float", ckpt, "f32")
-    add(f"float + {steps} steps", finetune(ckpt, data, out / "float-ft", steps, None), "f32")
+    qat_runs = qat_runs or {}
+    if set(groups) - set(qat_runs):  # QAT by fine-tuning: the float fine-tune is its control
+        add(f"float + {steps} steps", finetune(ckpt, data, out / "float-ft", steps, None), "f32")
     for g in groups:
         for method in ("rtn", "gptq"):
             q = out / f"{method}-g{g}"
             if not (q / "nima.json").is_file():
                 quantize_checkpoint(ckpt, q, 4, g, method, data if method == "gptq" else None)
             add(f"int4 {method} g{g}", q, "q4_0")
-        trained = finetune(ckpt, data, out / f"qat-ft-g{g}", steps, f"int4-g{g}")
+        trained = qat_runs.get(g) or finetune(ckpt, data, out / f"qat-ft-g{g}", steps, f"int4-g{g}")
         q = out / f"qat-g{g}"
         if not (q / "nima.json").is_file():
             qat.quantize_checkpoint(trained, q)
-        add(f"int4 qat g{g} ({steps} steps)", q, "q4_0")
+        add(qat_name(g, steps, g in qat_runs), q, "q4_0", {"float_reference": "float" if g in qat_runs else None})
     load.append(os.getloadavg()[0])
-    fp, control = rows[0]["perplexity"], rows[1]["perplexity"]
     by = {r["scheme"]: r for r in rows}
+    fp = by["float"]["perplexity"]
     for r in rows:
-        r["float_reference"] = rows[1]["scheme"] if "qat" in r["scheme"] else "float"
-        ref = control if "qat" in r["scheme"] else fp
-        r["gap_pct"] = 100 * (r["perplexity"] - ref) / ref
+        if not r.get("float_reference"):  # fine-tuned QAT: its control; everything else: the checkpoint
+            r["float_reference"] = f"float + {steps} steps" if "qat" in r["scheme"] else "float"
+        r["gap_pct"] = 100 * (r["perplexity"] - by[r["float_reference"]]["perplexity"]) / by[r["float_reference"]]["perplexity"]
     for g in groups:
         gptq_gap = by[f"int4 gptq g{g}"]["perplexity"] - fp
-        q = by[f"int4 qat g{g} ({steps} steps)"]
-        q["qat_over_gptq_gap"] = (q["perplexity"] - control) / gptq_gap if gptq_gap > 0 else None
+        q = by[qat_name(g, steps, g in qat_runs)]
+        ref = by[q["float_reference"]]["perplexity"]
+        q["qat_over_gptq_gap"] = (q["perplexity"] - ref) / gptq_gap if gptq_gap > 0 else None
     return {"checkpoint": str(ckpt), "data": str(data), "qat_steps": steps, "eval_windows": windows,
+            "qat_runs": {g: str(p) for g, p in qat_runs.items()},
             "load_average": load, "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def qat_name(group: int, steps: int, pretrained: bool) -> str:
+    return f"int4 qat g{group} ({'end of pretraining' if pretrained else f'{steps} steps'})"
 
 
 def markdown(result: dict) -> str:
@@ -108,11 +125,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="work folder (checkpoints, GGUFs, table.md, table.json)")
     ap.add_argument("--steps", type=int, default=300, help="QAT (and control) fine-tuning steps")
     ap.add_argument("--groups", type=int, nargs="+", default=[32, 128])
-    ap.add_argument("--windows", type=int, default=64, help="validation windows scored per model")
+    ap.add_argument("--windows", type=int, default=64, help="validation windows scored per model (0: all)")
+    ap.add_argument("--qat-run", action="append", default=[], metavar="G=RUN",
+                    help="group G's QAT model from pretraining (train --qat int4-gG): no fine-tunes")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = run(args.ckpt, args.data, args.out, args.steps, args.groups, args.windows)
+    qat_runs = {int(g): Path(p) for g, p in (item.split("=", 1) for item in args.qat_run)}
+    result = run(args.ckpt, args.data, args.out, args.steps, args.groups, args.windows or 10 ** 9, qat_runs)
     write_text(args.out / "table.md", markdown(result))
     write_text(args.out / "table.json", json.dumps(result, indent=2) + "\n")
     print(markdown(result))

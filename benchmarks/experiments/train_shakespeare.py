@@ -269,8 +269,9 @@ def _background_training(data_dir: Path, out: Path, recipe_name: str, threads: i
     """Load for the side-by-side probe: our trainer on this recipe until terminated."""
     torch.set_num_threads(threads)
     cfg = recipe.build_config(recipe_name, {"max_seconds": 3600, "max_steps": 10 ** 9})
-    with contextlib.redirect_stdout(io.StringIO()):
-        train(data_dir, out, cfg, log=lambda m: None)
+    from nima_edge.train.trainer import TrainingInterrupted
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(TrainingInterrupted):
+        train(data_dir, out, cfg, log=lambda m: None)  # until the probe is done and terminates it
 
 
 def probe_nanogpt_beside(data_dir: Path, work: Path, recipe_name: str, threads: int, others: int) -> float:

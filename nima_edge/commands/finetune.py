@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nima_edge.commands.options import Force
+from nima_edge.commands.options import Force, Qat, QatFraction
 
 
 def register(app: typer.Typer) -> None:
@@ -25,9 +25,8 @@ def register(app: typer.Typer) -> None:
         lora_dropout: float = typer.Option(None, help="dropout on the LoRA input (default 0.05)"),
         lora_targets: str = typer.Option(None, help="comma-separated linears (default all: q_proj,k_proj,v_proj,"
                                                     "o_proj,gate_proj,up_proj,down_proj)"),
-        qat: str = typer.Option(None, help="quantization-aware training (with --full): int4-g32 | int4-g128 | "
-                                           "8da4w ...; then nima-edge quantize --method qat"),
-        qat_fraction: float = typer.Option(None, help="the last part of the run trained with QAT (default 0.5)"),
+        qat: Qat = None,
+        qat_fraction: QatFraction = None,
         val_fraction: float = typer.Option(None, help="chat data: conversations held out for validation (0.1)"),
         steps: int = typer.Option(None, help="optimizer steps (default 400)"),
         minutes: float = typer.Option(None, help="wall-clock budget; stops early when reached"),
@@ -57,14 +56,14 @@ def register(app: typer.Typer) -> None:
         if threads:
             torch.set_num_threads(threads)
         loop = dict(max_steps=steps, max_seconds=minutes * 60 if minutes else None, batch_size=batch_size,
-                    context=context, lr=lr, patience=patience, eval_every=eval_every, seed=seed)
+                    context=context, lr=lr, patience=patience, eval_every=eval_every, seed=seed, qat=qat,
+                    qat_fraction=qat_fraction)
         loop = {k: v for k, v in loop.items() if v is not None}
         cfg = settings = None
         if not resume:
             doc, settings = ft_lib.load_recipe(recipe) if recipe else ({}, ft_lib.FinetuneConfig())
             given = dict(full=full, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         lora_targets=lora_targets.split(",") if lora_targets else None, qat=qat,
-                         qat_fraction=qat_fraction, val_fraction=val_fraction)
+                         lora_targets=lora_targets.split(",") if lora_targets else None, val_fraction=val_fraction)
             settings = ft_lib.FinetuneConfig(**{**settings.to_dict(), **{k: v for k, v in given.items()
                                                                            if v is not None}}).validate()
             from nima_edge.chat_data import is_chat_file

@@ -19,3 +19,8 @@ AllowCustomOps = Annotated[bool, typer.Option(
     "--allow-custom-ops", help="let the artifact load native libraries its config names (ONNX GenAI "
                                "custom_ops_library); only for libraries you built or trust")]
 Force = Annotated[bool, typer.Option("--force", help="replace an existing --out even though nima-edge did not write it")]
+# Quantization-aware training, for train and finetune alike (the loop's qat / qat_fraction settings)
+Qat = Annotated[Optional[str], typer.Option(
+    help="quantization-aware training for the last part of the run: int4-g32 | int4-g128 | 8da4w ...; "
+         "then nima-edge quantize --method qat")]
+QatFraction = Annotated[Optional[float], typer.Option(help="the last part of the run trained with QAT (default 0.5)")]

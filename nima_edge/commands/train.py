@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nima_edge.commands.options import Force
+from nima_edge.commands.options import Force, Qat, QatFraction
 
 
 def register(app: typer.Typer) -> None:
@@ -35,6 +35,8 @@ def register(app: typer.Typer) -> None:
         eval_every: int = typer.Option(None, help="steps between evaluations"),
         mlflow: bool = typer.Option(None, "--mlflow/--no-mlflow",
                                     help="also track to MLflow in OUT/mlflow.db (needs mlflow)"),
+        qat: Qat = None,
+        qat_fraction: QatFraction = None,
         threads: int = typer.Option(None, help="CPU threads per process (default: torch's choice)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="start again over a previous run in --out"),
         force: Force = False,
@@ -58,7 +60,7 @@ def register(app: typer.Typer) -> None:
                          batch_size=batch_size, grad_accum=grad_accum, context=context,
                          short_context=short_context, short_fraction=short_fraction, lr=lr, optimizer=optimizer,
                          dropout=dropout, precision=precision, device=device, patience=patience,
-                         eval_every=eval_every, mlflow=mlflow)
+                         eval_every=eval_every, mlflow=mlflow, qat=qat, qat_fraction=qat_fraction)
         given = {k: v for k, v in overrides.items() if v is not None}
         cfg = None if resume else build_config(recipe, given)
         summary = run_train(data, out, cfg, log=Console().print, resume=resume, overrides=given if resume else None)
