@@ -220,6 +220,19 @@ def test_finetune_settings_are_checked(tiny_ckpt, chat_file, tmp_path):
         ft.finetune(tiny_ckpt, chat_file, tmp_path / "x", tiny_cfg(tiny_ckpt, context=100_000), **QUIET)
 
 
+def test_fine_tune_recipes_set_qat_in_its_own_section(tiny_ckpt, tmp_path):
+    """QAT is a loop setting ([qat], as in training recipes); under [finetune] the error says where it went."""
+    old = tmp_path / "old.toml"
+    old.write_text('[finetune]\nfull = true\nqat = "int4-g32"\n')
+    with pytest.raises(NimaError, match=r"belong in the \[qat\] section"):
+        ft.load_recipe(old)
+    new = tmp_path / "new.toml"
+    new.write_text('[finetune]\nfull = true\n[qat]\nqat = "int4-g32"\nqat_fraction = 0.25\n')
+    doc, settings = ft.load_recipe(new)
+    cfg = ft.build_config(tiny_ckpt, doc, {})
+    assert settings.full and (cfg.qat, cfg.qat_fraction) == ("int4-g32", 0.25)
+
+
 # --- QAT -----------------------------------------------------------------------------------------------
 
 def test_fake_quant_weight_is_the_quantize_grid():

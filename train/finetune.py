@@ -100,7 +100,9 @@ def load_recipe(path: str | Path) -> tuple[dict, FinetuneConfig]:
     body = doc.pop("finetune", {})
     known = {f.name for f in fields(FinetuneConfig)}
     if set(body) - known:
-        raise NimaError(f"{path}: unknown [finetune] keys {sorted(set(body) - known)}", f"keys are: {', '.join(known)}")
+        moved = " (qat and qat_fraction belong in the [qat] section)" if {"qat", "qat_fraction"} & set(body) else ""
+        raise NimaError(f"{path}: unknown [finetune] keys {sorted(set(body) - known)}",
+                        f"keys are: {', '.join(known)}{moved}")
     return doc, FinetuneConfig(**body).validate()
 
 
@@ -316,6 +318,9 @@ def finetune(ckpt: str | Path, data: str | Path | None, out: str | Path, cfg: Tr
         if last is None or not (last / RUN_FILE).is_file():
             raise NimaError(f"--resume: {out} holds no resumable fine-tune", "drop --resume to start a new run")
         info = json.loads((last / RUN_FILE).read_text())
+        if info.get("qat"):  # written before QAT became a loop setting: resuming would drop it silently
+            raise NimaError(f"{out} is a QAT fine-tune started by an older nima-edge, which this one cannot resume",
+                            "start it again (same command, without --resume)")
         ckpt, data = Path(info["source"]), Path(info["data"])
         ft = FinetuneConfig(**{f.name: info[f.name] for f in fields(FinetuneConfig)})
         seed = TrainConfig(**checkpointing.read_state(last)["config"]).seed

@@ -161,9 +161,10 @@ def _check_type(where: str, name: str, value):
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           float | None: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           bool: lambda v: isinstance(v, bool),
-          str: lambda v: isinstance(v, str)}[want]
+          str: lambda v: isinstance(v, str),
+          str | None: lambda v: isinstance(v, str)}[want]  # TOML has no null: an absent key is None
     if not ok(value):
-        kind = getattr(want, "__name__", "number")
+        kind = getattr(want, "__name__", "string" if want == str | None else "number")
         raise NimaError(f"{where}: {name} = {value!r} should be a {kind}", f"write {name} as a TOML {kind}")
     return float(value) if want in (float, float | None) else value
 
