@@ -220,6 +220,29 @@ def test_finetune_settings_are_checked(tiny_ckpt, chat_file, tmp_path):
         ft.finetune(tiny_ckpt, chat_file, tmp_path / "x", tiny_cfg(tiny_ckpt, context=100_000), **QUIET)
 
 
+def test_self_distillation_loss_is_the_kl_to_the_starting_model(tiny_ckpt, chat_file, tmp_path):
+    """--distill: zero while the student is its float starting self, positive once fake-quantized, and
+    only over the tokens that carry loss; refused without QAT, where it could change nothing."""
+    cfg = tiny_cfg(tiny_ckpt, qat="int4-g32")
+    job = ft.FinetuneJob(tiny_ckpt, chat_file, tmp_path / "o", ft.FinetuneConfig(full=True, distill=True), seed=0)
+    job.check(cfg)  # packs the conversations
+    model = job.build_model(cfg, torch.device("cpu"))
+    x, y = next(r for r in (job.rows(cfg, job.draw(cfg, step)) for step in range(100)) if (r[1] != -100).any())
+    assert (y == -100).any()
+    assert job.loss(model, x, y).item() < 1e-6
+    qat.enable(model, qat.parse("int4-g32"))
+    kl = job.loss(model, x, y)
+    keep = y != -100
+    with torch.no_grad():
+        p_t = job.teacher(x).log_softmax(-1)[keep]
+        p_s = model(x).log_softmax(-1)[keep]
+    assert kl.item() > 1e-4
+    torch.testing.assert_close(kl, (p_t.exp() * (p_t - p_s)).sum(-1).mean(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(NimaError, match="changes nothing without fake quantization"):
+        ft.finetune(tiny_ckpt, chat_file, tmp_path / "x", tiny_cfg(tiny_ckpt),
+                    ft.FinetuneConfig(full=True, distill=True), **QUIET)
+
+
 def test_fine_tune_recipes_set_qat_in_its_own_section(tiny_ckpt, tmp_path):
     """QAT is a loop setting ([qat], as in training recipes); under [finetune] the error says where it went."""
     old = tmp_path / "old.toml"

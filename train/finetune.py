@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -61,6 +62,10 @@ class FinetuneConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: list(LINEAR_NAMES))
     val_fraction: float = 0.1  # chat data: conversations held out for validation
+    # QAT by self-distillation: the loss is the KL divergence from the starting checkpoint's next-token
+    # distribution to the fake-quantized model's, instead of cross-entropy on the data, so the model
+    # learns to be its float self on the grid rather than to fit the text further.
+    distill: bool = False
 
     def validate(self) -> "FinetuneConfig":
         if not self.full:
@@ -208,6 +213,9 @@ class FinetuneJob(Job):
         if cfg.short_context:  # packed conversations are cut at one context; a second packing is not built
             raise NimaError("short_context applies to pretraining, not to fine-tuning",
                             "set short_context = 0 in the fine-tune recipe")
+        if self.ft.distill and not cfg.qat:
+            raise NimaError("--distill trains the model towards its own starting distribution, which changes "
+                            "nothing without fake quantization", "add --qat (e.g. --qat int4-g32 --full)")
         if cfg.qat and not self.ft.full:
             raise NimaError("QAT trains the weights that get quantized, but LoRA keeps them frozen",
                             "add --full to fine-tune every weight with --qat")
@@ -233,9 +241,19 @@ class FinetuneJob(Job):
     def build_model(self, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
         model = copy.deepcopy(self.base)
         set_dropout(model, cfg.dropout)
+        if self.ft.distill:  # the teacher: the checkpoint as it was, frozen
+            self.teacher = copy.deepcopy(self.base).to(device).eval().requires_grad_(False)
         if not self.ft.full:
             model = add_lora(model, self.ft)
         return model.to(device).train()
+
+    def loss(self, net, x, y):
+        if not self.ft.distill:
+            return super().loss(net, x, y)
+        keep = y != -100  # chat rows: only the assistant's tokens, as for cross-entropy
+        with torch.no_grad():
+            target = self.teacher(x).float().log_softmax(-1)[keep]
+        return F.kl_div(net(x).float().log_softmax(-1)[keep], target, log_target=True, reduction="batchmean")
 
     def restore(self, model, last: Path, device: torch.device) -> None:
         if self.ft.full:

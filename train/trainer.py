@@ -75,6 +75,10 @@ class Job:
         """The global batch of `step` as `batch_size` item indices (a pure function of seed and step)."""
         raise NotImplementedError
 
+    def loss(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of one micro-batch: the model's cross-entropy on the targets."""
+        return net(x, y)[1]
+
     def rows(self, cfg: TrainConfig, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of some drawn items; targets of -100 carry no loss."""
         raise NotImplementedError
@@ -310,7 +314,7 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
                 mine = items[dist.rank * micro * cfg.grad_accum:(dist.rank + 1) * micro * cfg.grad_accum]
                 batches = [job.rows(window, mine[m * micro:(m + 1) * micro]) for m in range(cfg.grad_accum)]
                 train_loss, grad_norm = _optimizer_step(net, opt, scaler, autocast, batches, params, cfg.grad_clip,
-                                                        dist, dev)
+                                                        dist, dev, job.loss)
                 session_train_s += time.monotonic() - t_step
                 session_tokens += step_tokens
                 done = step + 1
@@ -413,14 +417,15 @@ def run_fraction(progress: dict, cfg: TrainConfig) -> float:
     return max(frac, progress["elapsed"] / cfg.max_seconds) if cfg.max_seconds else frac
 
 
-def _optimizer_step(net, opt, scaler, autocast, batches, params, grad_clip: float, dist, dev) -> tuple[float, float]:
+def _optimizer_step(net, opt, scaler, autocast, batches, params, grad_clip: float, dist, dev,
+                    loss_fn) -> tuple[float, float]:
     """Accumulate gradients over `batches` (syncing across ranks on the last), clip, step.
     Returns this rank's mean micro-batch loss and the gradient norm before clipping."""
     loss_sum = torch.zeros((), device=dev)
     for m, (x, y) in enumerate(batches):
         with dist.no_sync(net, sync=m == len(batches) - 1):
             with autocast():
-                _, loss = net(x.to(dev), y.to(dev))
+                loss = loss_fn(net, x.to(dev), y.to(dev))
             # mean over the micro-batch / accum steps; DDP averages over ranks -> mean over the global batch
             scaled = loss / len(batches)
             (scaler.scale(scaled) if scaler else scaled).backward()

@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
                                                     "o_proj,gate_proj,up_proj,down_proj)"),
         qat: Qat = None,
         qat_fraction: QatFraction = None,
+        distill: bool = typer.Option(None, "--distill/--no-distill",
+                                     help="with --qat: learn the starting model's own distribution (KL) instead "
+                                          "of the data's next tokens"),
         val_fraction: float = typer.Option(None, help="chat data: conversations held out for validation (0.1)"),
         steps: int = typer.Option(None, help="optimizer steps (default 400)"),
         minutes: float = typer.Option(None, help="wall-clock budget; stops early when reached"),
@@ -63,7 +66,8 @@ def register(app: typer.Typer) -> None:
         if not resume:
             doc, settings = ft_lib.load_recipe(recipe) if recipe else ({}, ft_lib.FinetuneConfig())
             given = dict(full=full, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         lora_targets=lora_targets.split(",") if lora_targets else None, val_fraction=val_fraction)
+                         lora_targets=lora_targets.split(",") if lora_targets else None, val_fraction=val_fraction,
+                         distill=distill)
             settings = ft_lib.FinetuneConfig(**{**settings.to_dict(), **{k: v for k, v in given.items()
                                                                            if v is not None}}).validate()
             from nima_edge.chat_data import is_chat_file
