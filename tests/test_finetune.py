@@ -369,6 +369,8 @@ def test_cli_finetune_then_quantize_qat(tiny_ckpt, chat_file, qat_run, tmp_path)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
     bad = cli("finetune", tiny_ckpt, "--data", chat_file, "--out", tmp_path / "x", "--qat", "int4-g32")
     assert bad.returncode == 2 and "--full" in bad.stderr
+    bad = cli("finetune", tiny_ckpt, "--data", chat_file, "--out", tmp_path / "x", "--full", "--distill")
+    assert bad.returncode == 2 and "without fake quantization" in bad.stderr
     run = cli("finetune", tiny_ckpt, "--data", chat_file, "--out", tmp_path / "ft", "--steps", 2, "--context", 64,
               "--batch-size", 4, "--eval-every", 2, "--lora-rank", 2, "--threads", 1)
     assert run.returncode == 0, run.stderr
