@@ -1,6 +1,7 @@
 """Fine-tuning: chat data (loss on assistant tokens only, packing), LoRA through PEFT (merge, adapter
-layout, transformers + PEFT load, llama.cpp adapter), bit-exact resume, and quantization-aware training
-whose codes `quantize --method qat` reads off and every target packs losslessly."""
+layout, transformers + PEFT load, llama.cpp adapter), bit-exact resume, quantization-aware training
+whose codes `quantize --method qat` reads off and every target packs losslessly, and training a
+quantization result itself (scales and codes)."""
 from __future__ import annotations
 
 import importlib.util
@@ -353,6 +354,149 @@ def test_qat_gguf_q4_0_is_the_result(qat_run, tmp_path):
     assert torch.equal(unpack_gguf(np.asarray(data), 4, q.shape).codes, q.codes[order])
     down = result["model.layers.2.mlp.down_proj.weight"]
     assert torch.equal(unpack_gguf(np.asarray(tensors["blk.2.ffn_down.weight"].data), 4, down.shape).codes, down.codes)
+
+
+# --- training a quantization result ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rtn_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
+    """tiny_ckpt with an int4 g32 round-to-nearest result: the result trained below."""
+    from nima_edge.export.quantize import quantize_checkpoint
+    return quantize_checkpoint(tiny_ckpt, tmp_path_factory.mktemp("q") / "rtn", 4, 32, "rtn", log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def trained_run(rtn_ckpt, chat_file, tmp_path_factory) -> Path:
+    """The default: scales and codes trained."""
+    out = tmp_path_factory.mktemp("ft") / "trained"
+    ft.finetune(rtn_ckpt, chat_file, out, tiny_cfg(rtn_ckpt, max_steps=8, eval_every=4, lr=1e-3),
+                ft.FinetuneConfig(train_quantized=True), **QUIET)
+    return out
+
+
+@pytest.mark.parametrize("codes", [False, True], ids=["fixed-codes", "trained-codes"])
+def test_quant_trained_linear_is_its_result(rtn_ckpt, codes):
+    """Before training the forward is the result's own fake-quant reference; once the scales (and latent
+    weights) move, the result it reports (fp16 scales) is again exactly its forward."""
+    from nima_edge.quantization import apply_quant, load_quant
+    result = load_quant(rtn_ckpt)
+    model, _ = checkpoint.load(rtn_ckpt)
+    qat.attach_result(model, result, codes=codes)
+    trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == ({"scales", "latent"} if codes else {"scales"})
+    reference, _ = checkpoint.fake_quant_model(rtn_ckpt)
+    x = torch.randint(0, 262, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+        for m in model.modules():
+            if isinstance(m, qat.QuantTrainedLinear):
+                m.scales.mul_(1 + 0.05 * torch.randn_like(m.scales))  # not fp16 values any more
+                if codes:
+                    m.latent.add_(0.3 * m.scales.unsqueeze(-1) * torch.randn_like(m.latent))
+    trained = qat.trained_result(model)
+    assert trained.keys() == result.keys()
+    for name, q in trained.items():
+        assert q.method == ("rtn+qat" if codes else "rtn+scales")
+        assert torch.equal(q.scales.half().float(), q.scales) and not torch.equal(q.scales, result[name].scales)
+        assert torch.equal(q.codes, result[name].codes) != codes
+    again = apply_quant(checkpoint.load(rtn_ckpt)[0], trained)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
+def test_train_quantized_writes_a_quantized_checkpoint(trained_run, rtn_ckpt):
+    """OUT: the same float weights beside the trained result (new scales, some new codes)."""
+    from nima_edge.quantization import load_quant
+    before, after = load_quant(rtn_ckpt), load_quant(trained_run)
+    assert after.keys() == before.keys()
+    assert any(not torch.equal(after[n].scales, before[n].scales) for n in before)
+    assert any(not torch.equal(after[n].codes, before[n].codes) for n in before)
+    meta = checkpoint.read_meta(trained_run)
+    assert meta["quantization"]["method"] == "rtn+qat" and meta["quantization"]["source"]
+    assert meta["finetune"]["train_quantized"] and meta["finetune"]["distill"]  # KL by default
+    float_before, float_after = checkpoint.load(rtn_ckpt)[0].state_dict(), checkpoint.load(trained_run)[0].state_dict()
+    assert all(torch.equal(float_before[k], float_after[k]) for k in float_before)
+
+
+def test_trained_scales_move_towards_the_float_model(rtn_ckpt, chat_file, tmp_path):
+    """The KL to the float model on held-out conversations, which training lowers. With the codes fixed this
+    shows within 8 steps; trained codes first lose ground (the scales' gradient is zero while the latent
+    weights sit on the grid) and win over hundreds of steps (docs/quantization.md)."""
+    out = tmp_path / "scales"
+    ft.finetune(rtn_ckpt, chat_file, out, tiny_cfg(rtn_ckpt, max_steps=8, eval_every=4, lr=1e-4),
+                ft.FinetuneConfig(train_quantized=True, fixed_codes=True), **QUIET)
+    job = ft.FinetuneJob(rtn_ckpt, chat_file, tmp_path / "o", ft.FinetuneConfig(train_quantized=True).validate(),
+                         seed=0)
+    job.check(tiny_cfg(rtn_ckpt))
+    rows = job.source.val_rows
+    x, y = rows.inputs[:32], rows.labels[:32]
+    keep = y != chat_data.IGNORE
+    with torch.no_grad():
+        p_t = checkpoint.load(rtn_ckpt)[0](x).log_softmax(-1)[keep]
+
+        def kl(ckpt):
+            p_s = checkpoint.fake_quant_model(ckpt)[0](x).log_softmax(-1)[keep]
+            return (p_t.exp() * (p_t - p_s)).sum(-1).mean().item()
+        assert kl(out) < 0.95 * kl(rtn_ckpt)  # 0.84 when written
+
+
+def test_trained_result_packs_losslessly_into_gguf(trained_run, tmp_path):
+    """Through the real exporter: llama.cpp's Q4_0 blocks hold the trained codes and (fp16) scales."""
+    pytest.importorskip("gguf", reason="the gguf extra is not installed")
+    import gguf
+    from nima_edge.export import export
+    from nima_edge.export.packing import unpack_gguf
+    from nima_edge.quantization import load_quant
+    down = load_quant(trained_run)["model.layers.1.mlp.down_proj.weight"]
+    path = export(trained_run, "gguf", tmp_path / "m.gguf", "q4_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    packed = unpack_gguf(np.asarray(tensors["blk.1.ffn_down.weight"].data), 4, down.shape)
+    assert torch.equal(packed.codes, down.codes) and torch.equal(packed.dequantize(), down.dequantize())
+
+
+def test_train_quantized_resume_is_bit_exact(rtn_ckpt, chat_file, tmp_path):
+    cfg = tiny_cfg(rtn_ckpt, max_steps=8, checkpoint_every=4, eval_every=3, lr=1e-3)
+    settings = ft.FinetuneConfig(train_quantized=True)
+    ft.finetune(rtn_ckpt, chat_file, tmp_path / "straight", cfg, settings, **QUIET)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_6(step, metrics):
+        if step == 6:
+            raise Crash
+
+    with pytest.raises(Crash):
+        ft.finetune(rtn_ckpt, chat_file, tmp_path / "resumed", cfg, settings, on_eval=crash_at_6, **QUIET)
+    assert ft.finetune(None, None, tmp_path / "resumed", resume=True, **QUIET)["steps"] == 8
+    for name in (ft.QUANT_STATE_FILE, "optimizer.safetensors"):
+        a = load_file(str(tmp_path / "straight" / "last" / name))
+        b = load_file(str(tmp_path / "resumed" / "last" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_train_quantized_settings_are_checked(tiny_ckpt, rtn_ckpt, chat_file, tmp_path, cli):
+    with pytest.raises(NimaError, match="carries no quantization result"):
+        ft.finetune(tiny_ckpt, chat_file, tmp_path / "x", tiny_cfg(tiny_ckpt),
+                    ft.FinetuneConfig(train_quantized=True), **QUIET)
+    with pytest.raises(NimaError, match="do not combine"):
+        ft.finetune(rtn_ckpt, chat_file, tmp_path / "x", tiny_cfg(rtn_ckpt, qat="int4-g32"),
+                    ft.FinetuneConfig(train_quantized=True), **QUIET)
+    with pytest.raises(NimaError, match="not every float weight"):
+        ft.FinetuneConfig(train_quantized=True, full=True).validate()
+    with pytest.raises(NimaError, match="add --train-quantized"):
+        ft.FinetuneConfig(fixed_codes=True).validate()
+    assert ft.FinetuneConfig(train_quantized=True, distill=False).validate().distill is False
+    assert ft.build_config(rtn_ckpt, None, {}, train_quantized=True).lr == ft.QUANT_DEFAULTS["lr"]
+    code, out, err = cli("finetune", tiny_ckpt, "--data", chat_file, "--out", tmp_path / "y", "--train-quantized")
+    assert code == 2 and "nima-edge quantize" in err
+    code, out, err = cli("finetune", rtn_ckpt, "--data", chat_file, "--out", tmp_path / "z", "--train-quantized",
+                         "--fixed-codes", "--steps", 2, "--eval-every", 2, "--context", 64, "--batch-size", 4)
+    assert code == 0, err
+    assert "trained result" in out
+    from nima_edge.quantization import load_quant
+    before, after = load_quant(rtn_ckpt), load_quant(tmp_path / "z")
+    assert all(torch.equal(after[n].codes, before[n].codes) and after[n].method == "rtn+scales" for n in before)
 
 
 # --- the command line ----------------------------------------------------------------------------------

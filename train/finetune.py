@@ -19,6 +19,10 @@ With the loop's `qat` setting (full fine-tuning only), the decoder linears train
 quantization (train/qat.py) for the last `qat_fraction` of the run, as in pretraining; the best model
 is chosen among the fake-quantized evaluations and its nima.json names the scheme, so
 `nima-edge quantize --method qat` reads off the trained codes.
+With `train_quantized` (on a checkpoint carrying a quantization result, e.g. GPTQ's), the result itself
+trains: its per-group scales and, unless `fixed_codes`, its codes (train/qat.py, QuantTrainedLinear),
+by default towards the float model's own distribution (distill); OUT ends as a quantized checkpoint
+(the float weights plus the trained result) that every exporter packs as it is.
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ from nima_edge import chat_data, checkpoint
 from nima_edge.config import PRESETS
 from nima_edge.errors import NimaError
 from nima_edge.model import Attention, NimaForCausalLM
-from nima_edge.train import checkpointing, recipe
+from nima_edge.quantization import describe, load_quant, result_files
+from nima_edge.train import checkpointing, qat, recipe
 from nima_edge.train.recipe import TrainConfig
 from nima_edge.train.trainer import Job, PretrainJob, train
 
@@ -51,6 +56,10 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Fine-tuning starts from a trained model: a short warmup, a lower rate, early stopping on by default.
 DEFAULTS = dict(lr=1e-3, min_lr=1e-4, warmup_steps=20, max_steps=400, batch_size=16, eval_every=50,
                 eval_windows=64, patience=4, weight_decay=0.0)
+# Training a quantization result: scales are ~1e-2 and each Adam step moves a parameter by about lr, so
+# 1e-4 is a 1% step (docs/quantization.md has the runs behind it).
+QUANT_DEFAULTS = dict(lr=1e-4, min_lr=1e-5, max_steps=300)
+QUANT_STATE_FILE = "quant_state.safetensors"  # in OUT/last: the fp32 scales and latent weights being trained
 
 
 @dataclass
@@ -65,10 +74,20 @@ class FinetuneConfig:
     # QAT by self-distillation: the loss is the KL divergence from the starting checkpoint's next-token
     # distribution to the fake-quantized model's, instead of cross-entropy on the data, so the model
     # learns to be its float self on the grid rather than to fit the text further.
-    distill: bool = False
+    distill: bool | None = None  # None: on when training a quantization result, else off
+    # Train the checkpoint's quantization result (scales, and codes unless fixed_codes) instead of weights.
+    train_quantized: bool = False
+    fixed_codes: bool = False
 
     def validate(self) -> "FinetuneConfig":
-        if not self.full:
+        if self.distill is None:
+            self.distill = self.train_quantized
+        if self.fixed_codes and not self.train_quantized:
+            raise NimaError("--fixed-codes applies to training a quantization result", "add --train-quantized")
+        if self.train_quantized and self.full:
+            raise NimaError("--train-quantized trains the quantization result, not every float weight",
+                            "drop --full (or fine-tune the float checkpoint with --full, then quantize it)")
+        if not self.full and not self.train_quantized:
             if self.lora_rank < 1:
                 raise NimaError(f"LoRA rank {self.lora_rank} must be at least 1", "use e.g. --lora-rank 8")
             if self.lora_alpha <= 0:
@@ -111,9 +130,10 @@ def load_recipe(path: str | Path) -> tuple[dict, FinetuneConfig]:
     return doc, FinetuneConfig(**body).validate()
 
 
-def build_config(ckpt: str | Path, recipe_doc: dict | None, overrides: dict, chat: bool = False) -> TrainConfig:
-    """The loop's settings for fine-tuning `ckpt`: DEFAULTS, the model's own preset and context, then
-    the recipe's sections, then explicit overrides. The context defaults to the one the model was
+def build_config(ckpt: str | Path, recipe_doc: dict | None, overrides: dict, chat: bool = False,
+                 train_quantized: bool = False) -> TrainConfig:
+    """The loop's settings for fine-tuning `ckpt`: DEFAULTS (and QUANT_DEFAULTS for a quantization result),
+    the model's own preset and context, then the recipe's sections, then explicit overrides. The context defaults to the one the model was
     trained at for text, and to its whole context for chat (a conversation should fit one row)."""
     if not (Path(ckpt) / "config.json").is_file():
         raise NimaError(f"{ckpt} is not a checkpoint (no config.json)", "pass a checkpoint directory to fine-tune")
@@ -121,7 +141,7 @@ def build_config(ckpt: str | Path, recipe_doc: dict | None, overrides: dict, cha
     name = checkpoint.read_meta(ckpt).get("preset")
     trained = checkpoint.read_meta(ckpt).get("training", {}).get("train_config", {}).get("context")
     full = int(model_cfg.get("max_position_embeddings", 256))
-    base = TrainConfig(**{**TrainConfig().to_dict(), **DEFAULTS,
+    base = TrainConfig(**{**TrainConfig().to_dict(), **DEFAULTS, **(QUANT_DEFAULTS if train_quantized else {}),
                           "preset": name if name in PRESETS else recipe.FROM_CHECKPOINT,
                           "context": full if chat else min(int(trained or full), full)})
     cfg = recipe.from_dict(recipe_doc or {}, where="fine-tune recipe", base=base)
@@ -202,6 +222,10 @@ class FinetuneJob(Job):
         self.ckpt, self.ft = ckpt, ft
         self.base, tok = checkpoint.load(ckpt)  # float weights (a quantization result is not fine-tuned)
         self.tokenizer = tok
+        self.result = load_quant(ckpt) if ft.train_quantized else None
+        if ft.train_quantized and self.result is None:
+            raise NimaError(f"{ckpt} carries no quantization result to train",
+                            f"quantize it first (nima-edge quantize {ckpt} --out Q), then fine-tune Q --train-quantized")
         self.source: Job = (ChatJob(data, tok, ft.val_fraction, seed) if chat_data.is_chat_file(data)
                             else text_job(data, tok, out))
         self.kind = "chat" if isinstance(self.source, ChatJob) else "text"
@@ -213,7 +237,10 @@ class FinetuneJob(Job):
         if cfg.short_context:  # packed conversations are cut at one context; a second packing is not built
             raise NimaError("short_context applies to pretraining, not to fine-tuning",
                             "set short_context = 0 in the fine-tune recipe")
-        if self.ft.distill and not cfg.qat:
+        if self.ft.train_quantized and cfg.qat:
+            raise NimaError("--train-quantized trains the checkpoint's quantization result, --qat float weights "
+                            "through the grid of --qat: they do not combine", "drop one of them")
+        if self.ft.distill and not (cfg.qat or self.ft.train_quantized):
             raise NimaError("--distill trains the model towards its own starting distribution, which changes "
                             "nothing without fake quantization", "add --qat (e.g. --qat int4-g32 --full)")
         if cfg.qat and not self.ft.full:
@@ -225,7 +252,12 @@ class FinetuneJob(Job):
         self.source.check(cfg)
 
     def describe(self) -> str:
-        how = "full fine-tuning" if self.ft.full else f"LoRA r={self.ft.lora_rank} alpha={self.ft.lora_alpha:g}"
+        how = ("full fine-tuning" if self.ft.full else
+               f"its {describe(self.result)} result ({'scales' if self.ft.fixed_codes else 'scales and codes'})"
+               if self.ft.train_quantized else
+               f"LoRA r={self.ft.lora_rank} alpha={self.ft.lora_alpha:g}")
+        if self.ft.distill:
+            how += ", towards its float model (KL)"
         return f"{how}, {self.source.describe()}"
 
     def draw(self, cfg, step):
@@ -243,7 +275,9 @@ class FinetuneJob(Job):
         set_dropout(model, cfg.dropout)
         if self.ft.distill:  # the teacher: the checkpoint as it was, frozen
             self.teacher = copy.deepcopy(self.base).to(device).eval().requires_grad_(False)
-        if not self.ft.full:
+        if self.ft.train_quantized:
+            qat.attach_result(model, self.result, codes=not self.ft.fixed_codes)
+        elif not self.ft.full:
             model = add_lora(model, self.ft)
         return model.to(device).train()
 
@@ -263,6 +297,8 @@ class FinetuneJob(Job):
         if any(not torch.equal(t, base[k]) for k, t in weights.state_dict().items()):
             raise NimaError(f"the base checkpoint {self.ckpt} changed since this fine-tune started",
                             "resume with the checkpoint the run started from, or start a new run")
+        if self.ft.train_quantized:
+            return qat.load_trained_state(model, load_safetensors((last / QUANT_STATE_FILE).read_bytes()))
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, load_safetensors((last / ADAPTER_WEIGHTS).read_bytes()))
 
@@ -270,12 +306,20 @@ class FinetuneJob(Job):
         files = {RUN_FILE: (json.dumps(self.info, indent=1) + "\n").encode()}
         if self.ft.full:
             return model, files
+        if self.ft.train_quantized:
+            return self.base, {**files, QUANT_STATE_FILE: save_safetensors(qat.trained_state(model))}
         return self.base, {**files, ADAPTER_WEIGHTS: adapter_files(model, self.ckpt)[ADAPTER_WEIGHTS]}
 
     def publishable(self, model) -> tuple[NimaForCausalLM, dict[str, bytes], dict]:
         meta = {"finetune": self.info}
         if self.ft.full:
             return model, {}, meta
+        if self.ft.train_quantized:  # OUT is a quantized checkpoint: the float weights and the trained result
+            # what quantize recorded (source, calibration, ...), less what the layers now say themselves
+            kept = {k: v for k, v in checkpoint.read_meta(self.ckpt)["quantization"].items()
+                    if k not in ("format", "version", "bits", "symmetric", "method")}
+            files, summary = result_files(qat.trained_result(model), {**kept, "trained_from": str(self.ckpt)})
+            return self.base, files, {**meta, "quantization": summary}
         files = {f"{ADAPTER_DIR}/{k}": v for k, v in adapter_files(model, self.ckpt).items()}
         return merged(model), files, meta
 
@@ -340,7 +384,7 @@ def finetune(ckpt: str | Path, data: str | Path | None, out: str | Path, cfg: Tr
             raise NimaError(f"{out} is a QAT fine-tune started by an older nima-edge, which this one cannot resume",
                             "start it again (same command, without --resume)")
         ckpt, data = Path(info["source"]), Path(info["data"])
-        ft = FinetuneConfig(**{f.name: info[f.name] for f in fields(FinetuneConfig)})
+        ft = FinetuneConfig(**{f.name: info[f.name] for f in fields(FinetuneConfig) if f.name in info})
         seed = TrainConfig(**checkpointing.read_state(last)["config"]).seed
     else:
         if data is None:

@@ -35,11 +35,11 @@ class Lion(torch.optim.Optimizer):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linear and embedding weights); leave 1-D tensors (RMSNorm gains) undecayed."""
+    """Decay matrices (linear and embedding weights); leave 1-D tensors (RMSNorm gains) and scales undecayed."""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():  # a tied tensor is yielded once
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+    for name, p in model.named_parameters():  # a tied tensor is yielded once
+        if p.requires_grad:  # quantization scales (finetune --train-scales) are not weights to shrink
+            (decay if p.dim() >= 2 and not name.endswith(".scales") else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

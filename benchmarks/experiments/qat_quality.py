@@ -13,6 +13,10 @@ model should be held to (QAT's extra steps also train), so each quantized model'
 against its own float model: RTN and GPTQ against the checkpoint, QAT against the control.
 "QAT gap / GPTQ gap" divides those two gaps at the same group size.
 
+Each group also gets GPTQ's result trained as it is (`nima-edge finetune GPTQ --train-quantized`, its
+defaults: 300 steps at lr 1e-4, scales and codes, KL to the float weights): no control is needed, its
+reference is the float checkpoint, like RTN's and GPTQ's.
+
 QAT through the end of pretraining instead of a fine-tune: train the float model and, with the same
 recipe and seed, a second one with `nima-edge train --qat int4-gG --qat-fraction F`; pass the first as
 --ckpt and the second as `--qat-run G=RUN`. No fine-tunes then: the QAT model's float reference is the
@@ -54,6 +58,14 @@ def finetune(ckpt: Path, data: Path, out: Path, steps: int, scheme: str | None) 
     return out
 
 
+def train_result(quantized: Path, data: Path, out: Path) -> Path:
+    """`nima-edge finetune QUANTIZED --train-quantized` with the command's defaults."""
+    if not (out / "nima.json").is_file():
+        ft.finetune(quantized, data, out, ft.build_config(quantized, None, {}, train_quantized=True),
+                    ft.FinetuneConfig(train_quantized=True), progress_bar=False)
+    return out
+
+
 def run(ckpt: Path, data: Path, out: Path, steps: int, groups: list[int], windows: int,
         qat_runs: dict[int, Path] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
@@ -81,6 +93,8 @@ def run(ckpt: Path, data: Path, out: Path, steps: int, groups: list[int], window
             if not (q / "nima.json").is_file():
                 quantize_checkpoint(ckpt, q, 4, g, method, data if method == "gptq" else None)
             add(f"int4 {method} g{g}", q, "q4_0")
+        add(f"int4 gptq+qat g{g} (--train-quantized)", train_result(q, data, out / f"gptq-qat-g{g}"), "q4_0",
+            {"float_reference": "float"})
         trained = qat_runs.get(g) or finetune(ckpt, data, out / f"qat-ft-g{g}", steps, f"int4-g{g}")
         q = out / f"qat-g{g}"
         if not (q / "nima.json").is_file():
@@ -95,9 +109,9 @@ def run(ckpt: Path, data: Path, out: Path, steps: int, groups: list[int], window
         r["gap_pct"] = 100 * (r["perplexity"] - by[r["float_reference"]]["perplexity"]) / by[r["float_reference"]]["perplexity"]
     for g in groups:
         gptq_gap = by[f"int4 gptq g{g}"]["perplexity"] - fp
-        q = by[qat_name(g, steps, g in qat_runs)]
-        ref = by[q["float_reference"]]["perplexity"]
-        q["qat_over_gptq_gap"] = (q["perplexity"] - ref) / gptq_gap if gptq_gap > 0 else None
+        for q in (by[qat_name(g, steps, g in qat_runs)], by[f"int4 gptq+qat g{g} (--train-quantized)"]):
+            ref = by[q["float_reference"]]["perplexity"]
+            q["qat_over_gptq_gap"] = (q["perplexity"] - ref) / gptq_gap if gptq_gap > 0 else None
     return {"checkpoint": str(ckpt), "data": str(data), "qat_steps": steps, "eval_windows": windows,
             "qat_runs": {g: str(p) for g, p in qat_runs.items()},
             "load_average": load, "torch_threads": torch.get_num_threads(), "rows": rows}

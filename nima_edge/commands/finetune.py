@@ -28,8 +28,13 @@ def register(app: typer.Typer) -> None:
         qat: Qat = None,
         qat_fraction: QatFraction = None,
         distill: bool = typer.Option(None, "--distill/--no-distill",
-                                     help="with --qat: learn the starting model's own distribution (KL) instead "
-                                          "of the data's next tokens"),
+                                     help="with --qat or --train-quantized: learn the starting model's own "
+                                          "distribution (KL) instead of the data's next tokens (default with "
+                                          "--train-quantized)"),
+        train_quantized: bool = typer.Option(None, "--train-quantized",
+                                             help="CKPT carries a quantization result (nima-edge quantize): train it, "
+                                                  "scales and codes; OUT is a quantized checkpoint"),
+        fixed_codes: bool = typer.Option(None, "--fixed-codes", help="with --train-quantized: train the scales only"),
         val_fraction: float = typer.Option(None, help="chat data: conversations held out for validation (0.1)"),
         steps: int = typer.Option(None, help="optimizer steps (default 400)"),
         minutes: float = typer.Option(None, help="wall-clock budget; stops early when reached"),
@@ -67,13 +72,16 @@ def register(app: typer.Typer) -> None:
             doc, settings = ft_lib.load_recipe(recipe) if recipe else ({}, ft_lib.FinetuneConfig())
             given = dict(full=full, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          lora_targets=lora_targets.split(",") if lora_targets else None, val_fraction=val_fraction,
-                         distill=distill)
+                         distill=distill, train_quantized=train_quantized, fixed_codes=fixed_codes)
             settings = ft_lib.FinetuneConfig(**{**settings.to_dict(), **{k: v for k, v in given.items()
                                                                            if v is not None}}).validate()
             from nima_edge.chat_data import is_chat_file
-            cfg = ft_lib.build_config(ckpt, doc, loop, chat=data is not None and is_chat_file(data))
+            cfg = ft_lib.build_config(ckpt, doc, loop, chat=data is not None and is_chat_file(data),
+                                      train_quantized=settings.train_quantized)
         summary = ft_lib.finetune(ckpt, data, out, cfg, settings, resume=resume, overrides=loop if resume else None,
                                   log=Console().print)
         adapter = out / ft_lib.ADAPTER_DIR
-        Console().print(f"saved {out} (merged model, best of {summary.get('steps')} steps)"
+        from nima_edge.quantization import QUANT_JSON
+        what = "quantized checkpoint, trained result" if (out / QUANT_JSON).is_file() else "merged model"
+        Console().print(f"saved {out} ({what}, best of {summary.get('steps')} steps)"
                         + (f" and the adapter in {adapter}" if adapter.is_dir() else ""))
