@@ -194,6 +194,34 @@ def test_finetune_resume_is_bit_exact(tiny_ckpt, chat_file, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_chat_loss_is_the_token_mean_of_the_global_batch(tiny_ckpt, chat_file, tmp_path):
+    """Chat rows differ in how many tokens carry loss: 2 accumulation steps, and 2 torchrun processes, train
+    exactly like one micro-batch of all 8 rows (the step's loss is the mean over all its assistant tokens)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    settings = ft.FinetuneConfig(full=True)
+    runs = {}
+    for accum in (1, 2):
+        runs[accum] = tmp_path / f"accum{accum}"
+        ft.finetune(tiny_ckpt, chat_file, runs[accum], tiny_cfg(tiny_ckpt, max_steps=3, grad_accum=accum), settings,
+                    **QUIET)
+    from nima_edge.train import recipe
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text(recipe.dumps(tiny_cfg(tiny_ckpt, max_steps=3)) + "\n[finetune]\nfull = true\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "nima_edge", "finetune", str(tiny_ckpt), "--data", str(chat_file), "--out",
+                           str(tmp_path / "ddp"), "--recipe", str(recipe_file)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_file(str(runs[1] / "last" / "model.safetensors"))
+    for other in (runs[2], tmp_path / "ddp"):
+        got = load_file(str(other / "last" / "model.safetensors"))
+        assert max((got[k] - one[k]).abs().max().item() for k in one) < 2e-5, other.name  # 1.5e-2 before the fix
+
+
 def test_text_finetune_full(tiny_ckpt, shakespeare_path, tmp_path):
     """Plain text with the checkpoint's tokenizer, every weight trained; resume refuses a changed base."""
     corpus = tmp_path / "domain.txt"

@@ -47,6 +47,14 @@ class Dist:
         dist.broadcast(t, src=0)
         return t.tolist()
 
+    def total(self, value: int) -> int:
+        """The sum of `value` over all ranks."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
+
     def gather(self, obj) -> list:
         """Every rank's `obj` on rank 0 (a list on rank 0, None elsewhere)."""
         if self.world == 1:

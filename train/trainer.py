@@ -314,7 +314,7 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
                 mine = items[dist.rank * micro * cfg.grad_accum:(dist.rank + 1) * micro * cfg.grad_accum]
                 batches = [job.rows(window, mine[m * micro:(m + 1) * micro]) for m in range(cfg.grad_accum)]
                 train_loss, grad_norm = _optimizer_step(net, opt, scaler, autocast, batches, params, cfg.grad_clip,
-                                                        dist, dev, job.loss)
+                                                        dist, dev, job.loss, _divisors(batches, dist))
                 session_train_s += time.monotonic() - t_step
                 session_tokens += step_tokens
                 done = step + 1
@@ -417,8 +417,19 @@ def run_fraction(progress: dict, cfg: TrainConfig) -> float:
     return max(frac, progress["elapsed"] / cfg.max_seconds) if cfg.max_seconds else frac
 
 
+def _divisors(batches: list[tuple[torch.Tensor, torch.Tensor]], dist: distributed.Dist) -> list[float]:
+    """What each micro-batch's mean loss is divided by so that the step's gradient is that of the mean
+    over every target token of the global batch, however it is split into ranks and accumulation
+    steps (after DDP averages over ranks). Chat rows differ in how many tokens carry loss, so a plain
+    mean of micro-batch means would weight tokens unequally (and differ between 1 and N processes);
+    with equal counts (pretraining) the divisor is exactly grad_accum, as before."""
+    counts = [int((y != -100).sum()) for _, y in batches]
+    total = dist.total(sum(counts))
+    return [total / (c * dist.world) if c else math.inf for c in counts]
+
+
 def _optimizer_step(net, opt, scaler, autocast, batches, params, grad_clip: float, dist, dev,
-                    loss_fn) -> tuple[float, float]:
+                    loss_fn, divisors: list[float]) -> tuple[float, float]:
     """Accumulate gradients over `batches` (syncing across ranks on the last), clip, step.
     Returns this rank's mean micro-batch loss and the gradient norm before clipping."""
     loss_sum = torch.zeros((), device=dev)
@@ -426,8 +437,7 @@ def _optimizer_step(net, opt, scaler, autocast, batches, params, grad_clip: floa
         with dist.no_sync(net, sync=m == len(batches) - 1):
             with autocast():
                 loss = loss_fn(net, x.to(dev), y.to(dev))
-            # mean over the micro-batch / accum steps; DDP averages over ranks -> mean over the global batch
-            scaled = loss / len(batches)
+            scaled = loss / divisors[m]  # see _divisors
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += loss.detach()
     if scaler is not None:

@@ -1,6 +1,7 @@
 """nima-edge finetune."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -80,6 +81,8 @@ def register(app: typer.Typer) -> None:
                                       train_quantized=settings.train_quantized)
         summary = ft_lib.finetune(ckpt, data, out, cfg, settings, resume=resume, overrides=loop if resume else None,
                                   log=Console().print)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, one report
+            return
         adapter = out / ft_lib.ADAPTER_DIR
         from nima_edge.quantization import QUANT_JSON
         what = "quantized checkpoint, trained result" if (out / QUANT_JSON).is_file() else "merged model"
