@@ -26,11 +26,13 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from nima_edge.cache import cache_root
+
 REPO = Path(__file__).resolve().parents[1]
 BUILD_ENV = REPO / "runtimes" / "arm" / "build_env.sh"
 PI_DEMO = REPO / "android_demo" / "pi_demo.py"
 CORPUS = REPO / "tests" / "data" / "tinyshakespeare-300k.txt"
-CACHE = Path(os.environ.get("NIMA_ARM64_CACHE", Path.home() / ".cache" / "nima-edge" / "arm64"))
+CACHE = Path(os.environ.get("NIMA_ARM64_CACHE", cache_root() / "arm64"))
 TARGETS = ("gguf", "executorch", "onnx-portable")
 # Site folders inside the root (build_env.sh): gguf and ONNX run with "lean" alone (no torch on the path).
 SITES = {"gguf": ["/opt/nima/lean"], "onnx-portable": ["/opt/nima/lean"],

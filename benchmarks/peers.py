@@ -29,15 +29,15 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from nima_edge.cache import cache_root
 from nima_edge.errors import NimaError
 
 LLAMA_CPP_PYTHON = "llama-cpp-python"
 
 
 def cache_dir() -> Path:
-    """Built peer tools live here (never in the repository): $NIMA_EDGE_CACHE or ~/.cache/nima-edge."""
-    root = Path(os.environ.get("NIMA_EDGE_CACHE", Path.home() / ".cache" / "nima-edge"))
-    return root / "peers"
+    """Built peer tools live here (never in the repository)."""
+    return cache_root() / "peers"
 
 
 class PeerUnavailable(Exception):

