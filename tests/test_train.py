@@ -171,6 +171,25 @@ def test_resume_refuses_changed_settings_and_missing_run(char_data, tmp_path, ba
         train(char_data, baseline_run, None, resume=True, overrides={"lr": 1e-4}, **QUIET)
 
 
+def test_resume_continues_on_the_runs_own_data(baseline_run, char_data, bpe_data, tmp_path, cli):
+    """--resume needs no --data (the run records it); a moved copy of the same data is accepted, other text is
+    refused, and so is an old run without the record unless --data is given."""
+    run = tmp_path / "run"
+    shutil.copytree(baseline_run, run)
+    assert train(None, run, None, resume=True, overrides={"max_steps": 4}, **QUIET)["steps"] == 4
+    moved = tmp_path / "moved"
+    shutil.copytree(char_data, moved)
+    assert train(moved, run, None, resume=True, overrides={"max_steps": 5}, **QUIET)["steps"] == 5
+    with pytest.raises(NimaError, match="holds other text than the run"):
+        train(bpe_data, run, None, resume=True, overrides={"max_steps": 6}, **QUIET)
+    code, out, err = cli("train", "--out", run, "--resume", "--steps", 6)
+    assert code == 0, err
+    (run / "last" / "data.json").unlink()  # as a run written before the record
+    with pytest.raises(NimaError, match="pass --data DIR"):
+        train(None, run, None, resume=True, overrides={"max_steps": 7}, **QUIET)
+    assert train(char_data, run, None, resume=True, overrides={"max_steps": 7}, **QUIET)["steps"] == 7
+
+
 def test_early_stopping_keeps_best(char_data, tmp_path):
     # min_delta so large that only the first evaluation counts as an improvement
     cfg = tiny(max_steps=100, eval_every=2, patience=2, min_delta=100.0)

@@ -11,6 +11,7 @@ a prepared corpus) here; fine-tuning (train/finetune.py) brings its own job to t
 from __future__ import annotations
 
 import contextlib
+import json
 import dataclasses
 import math
 import shutil
@@ -126,6 +127,36 @@ class PretrainJob(Job):
     def evaluate(self, model: torch.nn.Module, cfg: TrainConfig) -> dict:
         return evaluate(model, self.data, context=cfg.context, max_windows=cfg.eval_windows)
 
+    def resumable(self, model: torch.nn.Module) -> tuple[NimaForCausalLM, dict[str, bytes]]:
+        return model, {DATA_FILE: (json.dumps(data_record(self.data), indent=1) + "\n").encode()}
+
+
+DATA_FILE = "data.json"  # in OUT/last: which prepared data the run trains on, so --resume needs no --data
+
+
+def data_record(data: TokenData) -> dict:
+    """Where the data is and what it holds (the splits' hashes): a moved copy is the same data."""
+    return {"data": str(data.dir.resolve()), **{split: data.meta[split].get("sha256") for split in ("train", "val")}}
+
+
+def resumed_data(out: Path, data_dir: str | Path | None) -> Path:
+    """The data a resumed pretraining run continues on: the one it recorded, or `data_dir` if that holds
+    the same text; a run from before the record needs `data_dir`."""
+    last = checkpointing.last_dir(out)
+    record_path = last / DATA_FILE if last else None
+    if record_path is None or not record_path.is_file():
+        if data_dir is None:
+            raise NimaError(f"{out} does not record its training data (an older run)", "pass --data DIR to --resume")
+        return Path(data_dir)
+    record = json.loads(record_path.read_text())
+    if data_dir is None:
+        return Path(record["data"])
+    given = data_record(TokenData(data_dir))
+    if {k: given[k] for k in ("train", "val")} != {k: record[k] for k in ("train", "val")}:
+        raise NimaError(f"--data {data_dir} holds other text than the run in {out} trained on ({record['data']})",
+                        "drop --data to continue on the run's own data, or start a new run")
+    return Path(data_dir)
+
 
 def _precision(cfg: TrainConfig, device: torch.device):
     """(autocast context factory, GradScaler or None)."""
@@ -231,6 +262,8 @@ def train(data_dir: str | Path | None, out_dir: str | Path, cfg: TrainConfig | N
     """
     out = Path(out_dir)
     cfg, resuming = _resolve_config(out, cfg, resume, overrides or {}, log)
+    if resuming and job is None:
+        data_dir = resumed_data(out, data_dir)
     dist = distributed.setup(cfg.device)
     try:
         return _run(job or PretrainJob(data_dir), out, cfg, dist, resuming, log if dist.main else (lambda *_: None),

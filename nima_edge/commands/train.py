@@ -9,11 +9,14 @@ from rich.console import Console
 
 from nima_edge.commands.options import Force, Qat, QatFraction
 
+DEFAULT_DATA = Path("data/shakespeare-char")
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(
-        data: Path = typer.Option(Path("data/shakespeare-char"), help="prepared data directory"),
+        data: Path = typer.Option(None, help="prepared data directory (default data/shakespeare-char; on --resume, "
+                                             "the run's own)"),
         out: Path = typer.Option(Path("runs/nima-1m"), help="run directory; it ends as the best checkpoint"),
         recipe: str = typer.Option(None, help="recipe TOML, or a bundled one by name (default: the preset's)"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
@@ -47,6 +50,8 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from nima_edge.outputs import check_run_out
+        if data is None and not resume:
+            data = DEFAULT_DATA
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 decides
             check_run_out(out, data, resume, overwrite, force)
             if overwrite and not resume:
