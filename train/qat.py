@@ -180,18 +180,6 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
 TRAINED_SUFFIX = {True: "+qat", False: "+scales"}  # a trained result's method, e.g. "gptq+qat", by codes trained
 
 
-class _RoundStraightThrough(torch.autograd.Function):
-    """round() forward; identity backward (the straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.round()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 def _as_stored(scales: torch.Tensor) -> torch.Tensor:
     """The scales rounded to fp16 (what GGUF, ONNX and ExecuTorch store) in the forward; the gradient
     reaches the fp32 master copy unchanged. s + (s16 - s) is exactly s16 (the difference is exact)."""
@@ -221,11 +209,11 @@ class QuantTrainedLinear(torch.nn.Module):
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes as floats [out, groups, group], stored scales [out, groups, 1]) of the forward."""
         scales = _as_stored(self.scales).unsqueeze(-1)
-        zeros = self.zeros.float().unsqueeze(-1)
         if self.latent is None:
             out, n = self.codes.shape
             return self.codes.view(out, n // self.group_size, self.group_size).float(), scales
-        codes = _RoundStraightThrough.apply(self.latent / scales) + zeros
+        steps = self.latent / scales
+        codes = _StraightThrough.apply(steps, steps.detach().round()) + self.zeros.float().unsqueeze(-1)
         return codes.clamp(0, 2 ** self.bits - 1), scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
