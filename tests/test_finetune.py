@@ -349,11 +349,15 @@ def test_qat_result_holds_the_trained_codes(qat_run, tiny_ckpt, tmp_path):
         qat.quantize_checkpoint(tiny_ckpt, tmp_path / "again")
 
 
-def test_qat_result_packs_losslessly(qat_run, tmp_path):
-    """Q4_0 (GGUF), MatMulNBits (ONNX Runtime) and 8da4w (torchao / ExecuTorch) all carry the trained codes."""
+@pytest.mark.parametrize("run", ["qat_run", "trained_run"])
+def test_qat_result_packs_losslessly(run, request, tmp_path):
+    """Q4_0 (GGUF), MatMulNBits (ONNX Runtime) and 8da4w (torchao / ExecuTorch) all carry the trained codes
+    (of --qat, read off by quantize --method qat, and of --train-quantized, the run's own result)."""
     from nima_edge.export import packing
     from nima_edge.quantization import load_quant
-    result = load_quant(qat.quantize_checkpoint(qat_run, tmp_path / "q"))
+    path = request.getfixturevalue(run)
+    result = load_quant(qat.quantize_checkpoint(path, tmp_path / "q") if run == "qat_run" else path)
+    assert {q.method for q in result.values()} == ({"qat"} if run == "qat_run" else {"rtn+qat"})
     for name, q in result.items():
         g = packing.unpack_gguf(packing.pack_gguf(q), 4, q.shape)
         assert torch.equal(g.codes, q.codes) and torch.equal(g.dequantize(), q.dequantize()), name
