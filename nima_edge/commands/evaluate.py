@@ -7,13 +7,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nima_edge.commands.options import AllowCustomOps, Target, Threads
+from nima_edge.commands.options import AllowCustomOps, DEFAULT_DATA, Target, Threads
 
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_(model: Path = typer.Argument(..., help="checkpoint directory or exported artifact"),
-              data: Path = typer.Option(Path("data/shakespeare-char"), help="prepared data directory"),
+              data: Path = typer.Option(DEFAULT_DATA, help="prepared data directory"),
               split: str = typer.Option("val"),
               windows: int = typer.Option(None, help="score this many evenly spaced windows of the split "
                                                      "(default: all for a checkpoint, 16 for an artifact)"),

@@ -1,11 +1,14 @@
 """Options several verbs share, declared once (each verb picks its own defaults)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from nima_edge import targets
+
+DEFAULT_DATA = Path("data/shakespeare-char")  # where `data prepare` writes by default, and the others read
 
 Temperature = Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")]
 TopK = Annotated[int, typer.Option(help="sample among the k most likely tokens; 0 = all")]

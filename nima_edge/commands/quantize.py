@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nima_edge.commands.options import Force
+from nima_edge.commands.options import DEFAULT_DATA, Force
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         group: int = typer.Option(32, help="group size along the input dimension: 32, 64 or 128"),
         method: str = typer.Option("gptq", help="gptq | rtn | qat (the codes a --qat fine-tune trained, in its "
                                                 "own scheme: --bits/--group do not apply)"),
-        data: Path = typer.Option(Path("data/shakespeare-char"), help="prepared data for GPTQ calibration"),
+        data: Path = typer.Option(DEFAULT_DATA, help="prepared data for GPTQ calibration"),
         asymmetric: bool = typer.Option(False, "--asymmetric", help="per-group zero points (not for gguf)"),
         samples: int = typer.Option(64, help="calibration windows drawn from the train split"),
         calib_length: int = typer.Option(256, help="tokens per calibration window (capped at the training context)"),

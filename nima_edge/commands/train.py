@@ -7,9 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nima_edge.commands.options import Force, Qat, QatFraction
-
-DEFAULT_DATA = Path("data/shakespeare-char")
+from nima_edge.commands.options import DEFAULT_DATA, Force, Qat, QatFraction
 
 
 def register(app: typer.Typer) -> None:

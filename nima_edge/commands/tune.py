@@ -7,13 +7,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nima_edge.commands.options import Force
+from nima_edge.commands.options import DEFAULT_DATA, Force
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def tune(
-        data: Path = typer.Option(Path("data/shakespeare-char"), help="prepared data directory"),
+        data: Path = typer.Option(DEFAULT_DATA, help="prepared data directory"),
         out: Path = typer.Option(Path("runs/tuned.toml"), help="recipe TOML to write"),
         recipe: str = typer.Option(None, help="base recipe (default: the preset's bundled one)"),
         preset: str = typer.Option(None, help="nima-0.5m | nima-1m | nima-5m | nima-10m"),
