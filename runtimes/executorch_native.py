@@ -46,18 +46,22 @@ def library() -> tuple[Path | None, str]:
     out = cache_root() / "native" / f"executorch-{version}-{key}" / LIBRARY
     if out.is_file():
         return out, ""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{LIBRARY}.{os.getpid()}")  # then renamed: a concurrent build never reads half a file
     # The wheel's CMake config (share/cmake/executorch-config.cmake) asks consumers for C++17 and this define.
     cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", "-DC10_USING_CUSTOM_GENERATED_MACROS",
            f"-I{include}", f"-I{include / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}",
            str(SOURCE), f"-L{lib}", "-lexecutorch", f"-Wl,-rpath,{lib}", "-o", str(tmp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            return None, f"compiling {SOURCE.name} failed: {last}"
+        os.replace(tmp, out)
+    except OSError as e:  # a read-only or full cache: the bindings still work
+        return None, f"cannot build into {out.parent}: {e}"
+    finally:
         tmp.unlink(missing_ok=True)
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return None, f"compiling {SOURCE.name} failed: {last}"
-    os.replace(tmp, out)
     return out, ""
 
 
