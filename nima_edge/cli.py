@@ -11,6 +11,7 @@ from rich.console import Console
 
 from nima_edge.commands import (bench, chat, data, evaluate, export, finetune, generate, import_model, quantize,
                                 quickstart, serve, train, tune, verify)
+from nima_edge import native_log
 from nima_edge.errors import NimaError
 
 app = typer.Typer(help="Train, quantize, export, verify and benchmark small Llama-family language models.",
@@ -42,6 +43,7 @@ def quiet() -> None:
     logging.disable(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("ORT_LOG_SEVERITY_LEVEL", "3")
+    native_log.QUIET = True
 
 
 def main() -> None:

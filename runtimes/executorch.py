@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from nima_edge import native_log
 from nima_edge.errors import NimaError
 from nima_edge.runtime import Runtime
 from nima_edge.runtimes import executorch_native
@@ -73,10 +74,11 @@ class ExecuTorchRuntime(Runtime):
         """loop: "auto" (native where it builds), "native" (an error where it does not) or "python"."""
         super().__init__()
         pte, tok_path = resolve(path)
-        if threads:
-            # XNNPACK runs on ExecuTorch's shared threadpool; this sets its size for the process.
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-            _unsafe_reset_threadpool(threads)
+        # XNNPACK runs on ExecuTorch's shared threadpool: sized here for the process (or started at its
+        # default), so its start-up log falls under the quiet CLI rather than into the first forward.
+        from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+        with native_log.muted_stderr():
+            _unsafe_reset_threadpool(threads) if threads else _threadpool_get_thread_count()
         meta = _check_interface(pte, _load_program(pte))
         self._forward = meta.pop("forward")
         self.metadata = meta

@@ -86,6 +86,21 @@ def test_native_loop_falls_back_to_the_bindings(tiny_pte, monkeypatch):
         ExecuTorchRuntime(tiny_pte, loop="native")
 
 
+def test_quiet_cli_mutes_executorchs_native_log(tiny_pte):
+    """ExecuTorch's C++ log (threadpool start-up) writes to file descriptor 2 itself; the quiet CLI mutes it.
+    In a fresh process: pytest's own descriptor capture would get in the way."""
+    import subprocess
+    import sys
+    code = ("import sys; from nima_edge import native_log; from nima_edge.runtimes.executorch import ExecuTorchRuntime\n"
+            "ExecuTorchRuntime(sys.argv[1], threads=2, loop='python')\n"
+            "native_log.QUIET = True; print('-- quiet --', file=sys.stderr, flush=True)\n"
+            "ExecuTorchRuntime(sys.argv[1], threads=1, loop='python')\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_pte)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loud, quiet = proc.stderr.split("-- quiet --")
+    assert "Resetting threadpool to 2 threads" in loud and "threadpool" not in quiet, proc.stderr[-2000:]
+
+
 def test_stock_runner_generates_like_pytorch(tiny_pte, torch_rt):
     """ExecuTorch's own TextLLMRunner reads the artifact; with num_bos=1 its BOS matches our tokenizer."""
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
