@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from nima_edge import native_log
-from nima_edge.errors import NimaError
+from nima_edge.errors import NimaError, require
 from nima_edge.runtime import Runtime
 from nima_edge.runtimes import executorch_native
 from nima_edge.runtimes.executorch_format import PTE_NAME
@@ -38,7 +38,6 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
 
 
 def _load_program(pte: Path):
-    from nima_edge.errors import require
     require("executorch.extension.llm.custom_ops.custom_ops", "executorch", "the executorch runtime")  # llama:: kernels
     ETRuntime = require("executorch.runtime", "executorch", "the executorch runtime").Runtime
     try:
@@ -76,9 +75,9 @@ class ExecuTorchRuntime(Runtime):
         pte, tok_path = resolve(path)
         # XNNPACK runs on ExecuTorch's shared threadpool: sized here for the process (or started at its
         # default), so its start-up log falls under the quiet CLI rather than into the first forward.
-        from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+        pool = require("executorch.extension.pybindings.portable_lib", "executorch", "the executorch runtime")
         with native_log.muted_stderr():
-            _unsafe_reset_threadpool(threads) if threads else _threadpool_get_thread_count()
+            pool._unsafe_reset_threadpool(threads) if threads else pool._threadpool_get_thread_count()
         meta = _check_interface(pte, _load_program(pte))
         self._forward = meta.pop("forward")
         self.metadata = meta

@@ -91,7 +91,8 @@ def test_quiet_cli_mutes_executorchs_native_log(tiny_pte):
     In a fresh process: pytest's own descriptor capture would get in the way."""
     import subprocess
     import sys
-    code = ("import sys; from nima_edge import native_log; from nima_edge.runtimes.executorch import ExecuTorchRuntime\n"
+    code = ("import sys\nfrom nima_edge import native_log\n"
+            "from nima_edge.runtimes.executorch import ExecuTorchRuntime\n"
             "ExecuTorchRuntime(sys.argv[1], threads=2, loop='python')\n"
             "native_log.QUIET = True; print('-- quiet --', file=sys.stderr, flush=True)\n"
             "ExecuTorchRuntime(sys.argv[1], threads=1, loop='python')\n")

@@ -133,8 +133,9 @@ def load_recipe(path: str | Path) -> tuple[dict, FinetuneConfig]:
 def build_config(ckpt: str | Path, recipe_doc: dict | None, overrides: dict, chat: bool = False,
                  train_quantized: bool = False) -> TrainConfig:
     """The loop's settings for fine-tuning `ckpt`: DEFAULTS (and QUANT_DEFAULTS for a quantization result),
-    the model's own preset and context, then the recipe's sections, then explicit overrides. The context defaults to the one the model was
-    trained at for text, and to its whole context for chat (a conversation should fit one row)."""
+    the model's own preset and context, then the recipe's sections, then explicit overrides. The context
+    defaults to the one the model was trained at for text, and to its whole context for chat (a
+    conversation should fit one row)."""
     if not (Path(ckpt) / "config.json").is_file():
         raise NimaError(f"{ckpt} is not a checkpoint (no config.json)", "pass a checkpoint directory to fine-tune")
     model_cfg = json.loads((Path(ckpt) / "config.json").read_text())
@@ -225,7 +226,8 @@ class FinetuneJob(Job):
         self.result = load_quant(ckpt) if ft.train_quantized else None
         if ft.train_quantized and self.result is None:
             raise NimaError(f"{ckpt} carries no quantization result to train",
-                            f"quantize it first (nima-edge quantize {ckpt} --out Q), then fine-tune Q --train-quantized")
+                            f"quantize it first (nima-edge quantize {ckpt} --out Q), then fine-tune Q "
+                            "--train-quantized")
         self.source: Job = (ChatJob(data, tok, ft.val_fraction, seed) if chat_data.is_chat_file(data)
                             else text_job(data, tok, out))
         self.kind = "chat" if isinstance(self.source, ChatJob) else "text"
