@@ -171,27 +171,33 @@ def test_llama_cpp_adapter_changes_logits_like_ours(lora_run, tiny_ckpt, tmp_pat
     assert np.abs(theirs - ours).max() <= TOLERANCES["float32"].logits_max_abs  # ... the same way in llama.cpp
 
 
-def test_finetune_resume_is_bit_exact(tiny_ckpt, chat_file, tmp_path):
-    """finetune 12 == finetune, crash at 9 (last checkpoint at 8), resume to 12; LoRA dropout makes RNG matter."""
-    cfg = tiny_cfg(tiny_ckpt, checkpoint_every=4, eval_every=3)
-    settings = ft.FinetuneConfig(lora_rank=4, lora_dropout=0.1)
-    ft.finetune(tiny_ckpt, chat_file, tmp_path / "straight", cfg, settings, **QUIET)
+def assert_resume_is_bit_exact(ckpt: Path, data: Path, tmp_path: Path, cfg, settings, crash_at: int,
+                               files: tuple[str, ...]) -> None:
+    """finetune == finetune, crash at the evaluation of step `crash_at` (after its last checkpoint), resume:
+    the resumable `files` (trained tensors, optimizer state) are equal bit for bit."""
+    ft.finetune(ckpt, data, tmp_path / "straight", cfg, settings, **QUIET)
 
     class Crash(Exception):
         pass
 
-    def crash_at_9(step, metrics):
-        if step == 9:
+    def crash(step, metrics):
+        if step == crash_at:
             raise Crash
 
     with pytest.raises(Crash):
-        ft.finetune(tiny_ckpt, chat_file, tmp_path / "resumed", cfg, settings, on_eval=crash_at_9, **QUIET)
-    summary = ft.finetune(None, None, tmp_path / "resumed", resume=True, **QUIET)
-    assert summary["steps"] == 12
-    for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+        ft.finetune(ckpt, data, tmp_path / "resumed", cfg, settings, on_eval=crash, **QUIET)
+    assert ft.finetune(None, None, tmp_path / "resumed", resume=True, **QUIET)["steps"] == cfg.max_steps
+    for name in files:
         a = load_file(str(tmp_path / "straight" / "last" / name))
         b = load_file(str(tmp_path / "resumed" / "last" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_finetune_resume_is_bit_exact(tiny_ckpt, chat_file, tmp_path):
+    """finetune 12 == finetune, crash at 9 (last checkpoint at 8), resume to 12; LoRA dropout makes RNG matter."""
+    assert_resume_is_bit_exact(tiny_ckpt, chat_file, tmp_path, tiny_cfg(tiny_ckpt, checkpoint_every=4, eval_every=3),
+                               ft.FinetuneConfig(lora_rank=4, lora_dropout=0.1), 9,
+                               ("adapter_model.safetensors", "optimizer.safetensors"))
 
 
 def _finetuned_weights(run: Path) -> dict:
@@ -500,24 +506,10 @@ def test_trained_result_packs_losslessly_into_gguf(trained_run, tmp_path):
 
 
 def test_train_quantized_resume_is_bit_exact(rtn_ckpt, chat_file, tmp_path):
-    cfg = tiny_cfg(rtn_ckpt, max_steps=8, checkpoint_every=4, eval_every=3, lr=1e-3)
-    settings = ft.FinetuneConfig(train_quantized=True)
-    ft.finetune(rtn_ckpt, chat_file, tmp_path / "straight", cfg, settings, **QUIET)
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_6(step, metrics):
-        if step == 6:
-            raise Crash
-
-    with pytest.raises(Crash):
-        ft.finetune(rtn_ckpt, chat_file, tmp_path / "resumed", cfg, settings, on_eval=crash_at_6, **QUIET)
-    assert ft.finetune(None, None, tmp_path / "resumed", resume=True, **QUIET)["steps"] == 8
-    for name in (ft.QUANT_STATE_FILE, "optimizer.safetensors"):
-        a = load_file(str(tmp_path / "straight" / "last" / name))
-        b = load_file(str(tmp_path / "resumed" / "last" / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_resume_is_bit_exact(rtn_ckpt, chat_file, tmp_path,
+                               tiny_cfg(rtn_ckpt, max_steps=8, checkpoint_every=4, eval_every=3, lr=1e-3),
+                               ft.FinetuneConfig(train_quantized=True), 6,
+                               (ft.QUANT_STATE_FILE, "optimizer.safetensors"))
 
 
 def test_train_quantized_settings_are_checked(tiny_ckpt, rtn_ckpt, chat_file, tmp_path, cli):
