@@ -11,8 +11,8 @@ a prepared corpus) here; fine-tuning (train/finetune.py) brings its own job to t
 from __future__ import annotations
 
 import contextlib
-import json
 import dataclasses
+import json
 import math
 import shutil
 import signal
