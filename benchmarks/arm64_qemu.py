@@ -208,6 +208,13 @@ def judge(target: str, quant: str, manifest: dict, x86: dict, arm: dict) -> dict
             "arm_agreement": sc_arm.get("agreement"), "min_agreement": manifest["verify"]["self_check"]["min_agreement"]}
 
 
+def missing_wheels(pip_errors: str) -> list[str]:
+    """The distinct requirements in build_env.sh's record of pip's "No matching distribution found for X"."""
+    marker = "No matching distribution found for "
+    found = [line.split(marker, 1)[1].split(" (from")[0].strip() for line in pip_errors.splitlines() if marker in line]
+    return list(dict.fromkeys(found)) or [pip_errors.strip()]
+
+
 def qemu_version() -> str:
     try:
         out = subprocess.run(["qemu-aarch64-static", "--version"], capture_output=True, text=True).stdout
@@ -303,8 +310,8 @@ def main(argv=None) -> int:
         no_torch = None if torch_ok.returncode == 0 else (
             "executorch's Python runtime links libtorch, and torch does not import on aarch64 here: "
             + (torch_ok.stderr.strip().splitlines() or ["?"])[-1]
-            + (f" (PyPI's aarch64 torch is the CUDA build; this package index lacks: {unavailable.read_text().strip()})"
-               if unavailable.is_file() else ""))
+            + (f" (PyPI's aarch64 torch is the CUDA build; this package index has no aarch64 wheel of "
+               f"{', '.join(missing_wheels(unavailable.read_text()))})" if unavailable.is_file() else ""))
         # what `pip install executorch` alone gives a board (its aarch64 wheel declares no torch)
         bare, _ = guest(root, ["/opt/nima/et"], ["-c", "from executorch.extension.llm.runner import TextLLMRunner"], 600)
         results["environment"].update({

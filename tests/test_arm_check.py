@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "runtimes" / "arm"))
 from aarch64_requires import aarch64_requires  # noqa: E402
 
-from nima_edge.benchmarks.arm64_qemu import judge  # noqa: E402
+from nima_edge.benchmarks.arm64_qemu import judge, missing_wheels  # noqa: E402
 
 
 def wheel(tmp_path: Path, requires: list[str]) -> Path:
@@ -66,6 +66,15 @@ def test_a_runtime_missing_on_aarch64_is_not_run_never_passed():
     ids = list(range(10, 26))
     verdict = judge("executorch", "fp32", manifest(ids, 1.0), run(ids), {"not_run": "torch does not import"})
     assert verdict["status"] == "NOT RUN" and not verdict["passed"] and verdict["rule"] == "torch does not import"
+
+
+def test_the_report_names_every_missing_wheel_once():
+    # build_env.sh probes each requirement (each extra of cuda-toolkit on its own): pip names one per line
+    record = ("ERROR: No matching distribution found for nvidia-cublas==13.1.1.3.* (from cuda-toolkit[cublas])\n"
+              "ERROR: No matching distribution found for nvidia-cublas==13.1.1.3.* (from cuda-toolkit[cusolver])\n"
+              "ERROR: No matching distribution found for nvidia-cudnn-cu13==9.20.0.48\n")
+    assert missing_wheels(record) == ["nvidia-cublas==13.1.1.3.*", "nvidia-cudnn-cu13==9.20.0.48"]
+    assert missing_wheels("pip crashed\n") == ["pip crashed"]  # never an empty reason
 
 
 def test_build_script_parses():

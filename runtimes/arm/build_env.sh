@@ -101,6 +101,22 @@ fetch() {  # fetch DIR [pip args...]
   "$PY" -m pip download --disable-pip-version-check -q --dest "$dir" --find-links "$dir" "${PIP_AARCH64[@]}" "$@" 2> "$CACHE/pip.err" \
     || { grep -v '^WARNING: Location' "$CACHE/pip.err" >&2; return 1; }
 }
+missing_from_index() {  # one line per requirement the index cannot provide (pip names only the first)
+  local req extra extras
+  for req in "$@"; do
+    if [[ $req =~ ^([^][]+)\[([^]]+)\](.*)$ ]]; then  # cuda-toolkit[cublas,...]: each extra on its own
+      IFS=, read -ra extras <<< "${BASH_REMATCH[2]}"
+      for extra in "${extras[@]}"; do probe_index "${BASH_REMATCH[1]}[$extra]${BASH_REMATCH[3]}"; done
+    else
+      probe_index "$req"
+    fi
+  done
+}
+probe_index() {  # resolve one requirement for aarch64 without installing it; print pip's reason if it fails
+  "$PY" -m pip install --dry-run --ignore-installed --target "$CACHE/dry-run" -q --disable-pip-version-check \
+    "${PIP_AARCH64[@]}" "$1" > /dev/null 2> "$CACHE/pip.err" \
+    || grep -m1 '^ERROR: No matching distribution' "$CACHE/pip.err" || true
+}
 if ! done_stage wheels; then
   log "fetching aarch64 wheels"
   rm -rf "$CACHE"/wheels-{lean,et,torch} "$ROOT/opt/nima/torch.UNAVAILABLE"
@@ -122,7 +138,7 @@ if ! done_stage wheels; then
   mapfile -t torch_deps < <("$PY" "$(dirname "$0")/aarch64_requires.py" "$CACHE"/wheels-torch/torch-"$TORCH"-*.whl)
   if ! fetch torch "${torch_deps[@]}"; then
     mkdir -p "$ROOT/opt/nima"
-    grep '^ERROR: No matching distribution' "$CACHE/pip.err" > "$ROOT/opt/nima/torch.UNAVAILABLE" || true
+    missing_from_index "${torch_deps[@]}" > "$ROOT/opt/nima/torch.UNAVAILABLE"
     log "torch $TORCH for aarch64 cannot be completed from this package index: $(cat "$ROOT/opt/nima/torch.UNAVAILABLE")"
     mapfile -t cpu_deps < <(printf '%s\n' "${torch_deps[@]}" | grep -Ev '^(nvidia-|cuda-|triton)')
     fetch torch "${cpu_deps[@]}"
