@@ -311,6 +311,14 @@ def test_short_windows_reach_the_model(baseline_run, char_data, tmp_path):
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_run_says_what_precision_it_trained_in(char_data, tmp_path):
+    """auto is fp32 on a CPU; bf16 autocast runs on a CPU too (on CUDA: tests/test_cuda.py)."""
+    assert train(char_data, tmp_path / "auto", tiny(max_steps=1), **QUIET)["precision"] == "fp32"
+    assert train(char_data, tmp_path / "bf16", tiny(max_steps=1, precision="bf16"), **QUIET)["precision"] == "bf16"
+    start = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["precision"] == "bf16"
+
+
 # --- recipes -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", recipe.bundled_recipes())

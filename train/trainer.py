@@ -159,16 +159,16 @@ def resumed_data(out: Path, data_dir: str | Path | None) -> Path:
 
 
 def _precision(cfg: TrainConfig, device: torch.device):
-    """(autocast context factory, GradScaler or None)."""
+    """(the precision trained in: fp32, bf16 or fp16; autocast context factory; GradScaler or None)."""
     p = cfg.precision
     if p == "auto":
         p = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     if p == "fp32":
-        return contextlib.nullcontext, None
+        return p, contextlib.nullcontext, None
     dtype = torch.bfloat16 if p == "bf16" else torch.float16
     # fp16 has too little range for raw gradients: scale the loss (bf16 has fp32's range and needs none)
     scaler = torch.amp.GradScaler(device.type) if p == "fp16" else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+    return p, (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -288,7 +288,7 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
     if scheme:
         qat.check_model(model, scheme)
     opt = optim.build(model, cfg)
-    autocast, scaler = _precision(cfg, dev)
+    precision, autocast, scaler = _precision(cfg, dev)
     progress = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_loss": math.inf, "best_step": None,
                 "bad_evals": 0, "last_eval": None, "finished": None}
     if resuming:
@@ -316,11 +316,12 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
             shutil.rmtree(stale, ignore_errors=True)
         write_text(out / "recipe.toml", recipe.dumps(cfg, header=f"settings of the run in {out}"))
         tracker.log("resume" if resuming else "start", progress["step"], world=dist.world, device=str(dev),
+                    precision=precision,
                     parameters=_count(model), trained_parameters=_count(model, trainable=True))
         log(f"{cfg.preset}: {_count(model):,} parameters ({_count(model, trainable=True):,} trained), "
             f"{job.describe()}, "
             + (f"QAT {scheme.name} over the last {cfg.qat_fraction:.0%}, " if scheme else "") +
-            f"{dist.world} process(es) on {dev}, global batch {cfg.batch_size} x {cfg.context} tokens")
+            f"{dist.world} process(es) on {dev} ({precision}), global batch {cfg.batch_size} x {cfg.context} tokens")
 
     step_tokens = cfg.batch_size * cfg.context
     clock0 = time.monotonic() - progress["elapsed"]  # the budget counts time trained before a resume too
@@ -403,7 +404,7 @@ def _run(job: Job, out: Path, cfg: TrainConfig, dist: distributed.Dist, resuming
 
     summary = {"preset": cfg.preset, "steps": progress["step"], "seconds": round(progress["elapsed"], 1),
                "tokens": progress["tokens"], "tokens_per_second": round(session_tokens / max(session_train_s, 1e-9)),
-               "stopped": progress["finished"], "processes": dist.world, "device": str(dev),
+               "stopped": progress["finished"], "processes": dist.world, "device": str(dev), "precision": precision,
                "best": {"step": progress["best_step"], "loss": progress["best_loss"]},
                "val": progress["last_eval"], "train_config": cfg.to_dict()}
     if dist.main:
