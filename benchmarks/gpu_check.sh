@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
 # The GPU checks (issues 13 and 17) as one prepared command, so a session lent an NVIDIA GPU spends its
 # device time running them, not installing. On the project machine, once:
-#   mkdir -p .gpu && cp tinyshakespeare.txt .gpu/ && echo /.gpu/ >> .git/info/exclude
+#   mkdir -p .gpu && cp tinyshakespeare.txt .gpu/             (.gpu/ and gpu-check/ are git-ignored)
 #   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu tomli-w
-# then on the GPU machine (the `device` tool: run with carry [".gpu"], timeout_s 560):
-#   bash benchmarks/gpu_check.sh
+# then on the GPU machine (the `device` tool; carry [".gpu"]), in two calls of about 5 minutes each so that
+# a failed one can be rerun inside the session's 15 minutes of device time:
+#   GPU_CHECK_STEPS="tests train" bash benchmarks/gpu_check.sh        (timeout_s 540)
+#   GPU_CHECK_STEPS=nanogpt bash benchmarks/gpu_check.sh              (timeout_s 400)
 # It uses the machine's own torch and packages (nothing can be fetched there) and adds nima-edge and the
 # wheels in .gpu. What it writes to $OUT (default gpu-check/): env.txt, one log per step, metrics.jsonl and
 # eval.json of the nima-10m GPU recipe, nanogpt.log, and summary.txt (each step's exit status and time).
 #   tests    tests/test_cuda.py (bf16/fp16 training, CUDA RNG, resume) and tests/test_tensorrt.py
 #   train    nima-10m on train/recipes/gpu/nima-10m.toml (nanoGPT's GPU recipe at nima-10m's context),
 #            capped at GPU_CHECK_TRAIN_SECONDS, then `nima-edge eval` (bits/char, BLEU, chrF)
-#   nanogpt  the real nanoGPT's own GPU shakespeare_char recipe on the same split (compile off, as ours)
-# GPU_CHECK_STEPS picks steps (default "tests train nanogpt"): split them over two calls when one call's
-# 10 minutes cannot hold all three. Each step has its own time limit, so one hang cannot spend the call.
+#   nanogpt  the real nanoGPT's own GPU shakespeare_char recipe on the same split (compile off, as ours),
+#            stopped at the same wall time (its log has val loss every 250 iterations)
+# GPU_CHECK_STEPS picks steps (default all three). Each step has its own time limit, so one hang cannot
+# spend the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 OUT=${OUT:-$REPO/gpu-check}
 PY=${PYTHON:-python3}
 STEPS=${GPU_CHECK_STEPS:-tests train nanogpt}
-TRAIN_SECONDS=${GPU_CHECK_TRAIN_SECONDS:-240}
+TRAIN_SECONDS=${GPU_CHECK_TRAIN_SECONDS:-180}
 NANOGPT_ITERS=${GPU_CHECK_NANOGPT_ITERS:-5000}
 read -ra NANOGPT_EXTRA <<< "${GPU_CHECK_NANOGPT_ARGS:-}"  # e.g. "--device=cpu --dtype=float32" for a CPU rehearsal
 CORPUS=${GPU_CHECK_CORPUS:-$REPO/.gpu/tinyshakespeare.txt}
@@ -76,7 +79,8 @@ from nima_edge.data import TokenData, prepare
 from train_shakespeare import nanogpt_workdir
 prepare('$CORPUS', Path('$WORK/data-char'), 'char')
 nanogpt_workdir(Path('$WORK/nanogpt'), TokenData(Path('$WORK/data-char')))" || continue
-      (cd "$WORK/nanogpt" && step nanogpt $(( TRAIN_SECONDS + 180 )) "$PY" train.py config/train_shakespeare_char.py \
+      # the same wall time as ours: `timeout` ends it there (exit 124 = the budget was reached)
+      (cd "$WORK/nanogpt" && step nanogpt "$TRAIN_SECONDS" "$PY" train.py config/train_shakespeare_char.py \
         --compile=False --max_iters="$NANOGPT_ITERS" --lr_decay_iters="$NANOGPT_ITERS" --out_dir=out "${NANOGPT_EXTRA[@]}") ;;
     *) echo "unknown step $s (tests, train, nanogpt)" ;;
   esac
