@@ -21,7 +21,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 OUT=${OUT:-$REPO/gpu-check}
-PY=${PYTHON:-python3}
+PY=$(command -v "${PYTHON:-python3}")
+[[ $PY == /* ]] || PY=$REPO/$PY  # absolute: the nanogpt step runs from its own folder
 STEPS=${GPU_CHECK_STEPS:-tests train nanogpt}
 TRAIN_SECONDS=${GPU_CHECK_TRAIN_SECONDS:-180}
 NANOGPT_ITERS=${GPU_CHECK_NANOGPT_ITERS:-5000}
@@ -53,7 +54,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to $O
 cat "$OUT/env.txt"
 
 # nima-edge without its pinned dependencies (the machine's torch stays), plus the carried wheels
-step install 180 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE" "$REPO" \
+step install 180 "$PY" -m pip install -q --upgrade --no-deps --no-build-isolation --no-index --target "$SITE" "$REPO" \
   $(ls "$REPO"/.gpu/*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 
