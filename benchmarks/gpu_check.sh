@@ -31,6 +31,7 @@ CORPUS=${GPU_CHECK_CORPUS:-$REPO/.gpu/tinyshakespeare.txt}
 SITE=${GPU_CHECK_SITE:-/tmp/nima-site}
 WORK=${GPU_CHECK_WORK:-/tmp/nima-gpu-work}
 mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd)  # absolute, like PY
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, record the status
   local name=$1 limit=$2 start rc

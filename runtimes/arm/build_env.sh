@@ -115,7 +115,7 @@ missing_from_index() {  # one line per requirement the index cannot provide (pip
 probe_index() {  # resolve one requirement for aarch64 without installing it; print pip's reason if it fails
   "$PY" -m pip install --dry-run --ignore-installed --target "$CACHE/dry-run" -q --disable-pip-version-check \
     "${PIP_AARCH64[@]}" "$1" > /dev/null 2> "$CACHE/pip.err" \
-    || grep -m1 '^ERROR: No matching distribution' "$CACHE/pip.err" || true
+    || grep -m1 '^ERROR: No matching distribution' "$CACHE/pip.err" || grep -m1 '^ERROR' "$CACHE/pip.err" || true
 }
 if ! done_stage wheels; then
   log "fetching aarch64 wheels"
