@@ -69,7 +69,7 @@ for s in $STEPS; do
       step train $(( TRAIN_SECONDS + 120 )) "$PY" -m nima_edge train --recipe train/recipes/gpu/nima-10m.toml \
         --data "$WORK/data-char" --out "$WORK/nima-10m" --minutes "$(awk "BEGIN { print $TRAIN_SECONDS / 60 }")"
       cp "$WORK/nima-10m/metrics.jsonl" "$OUT/" 2>/dev/null
-      step eval 180 "$PY" -m nima_edge eval "$WORK/nima-10m" --data "$WORK/data-char" --json "$OUT/eval.json" ;;
+      step eval 240 "$PY" -m nima_edge eval "$WORK/nima-10m" --data "$WORK/data-char" --json "$OUT/eval.json" ;;
     nanogpt)
       if [[ ! -f $CORPUS ]]; then echo "nanogpt: no corpus at $CORPUS"; continue; fi
       # nanoGPT's files and bins of the same 90/10 split (the training benchmark's helper), then its own
