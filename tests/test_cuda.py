@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import crash
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -75,15 +76,8 @@ def test_a_resumed_gpu_run_continues_the_same_run(char_data, tmp_path):
     cfg = tiny(dropout=0.1, checkpoint_every=10, eval_every=10)
     train(char_data, tmp_path / "straight", cfg, **QUIET)
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_30(step, metrics):
-        if step == 30:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(char_data, tmp_path / "resumed", cfg, on_eval=crash_at_30, **QUIET)
+    with pytest.raises(crash.Crash):
+        train(char_data, tmp_path / "resumed", cfg, on_eval=crash.at(30), **QUIET)
     summary = train(char_data, tmp_path / "resumed", None, resume=True, **QUIET)
     assert summary["steps"] == 40 and summary["device"].startswith("cuda")
     straight = {r["step"]: r["loss"] for r in events(tmp_path / "straight", "train")}

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import crash
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -176,16 +177,8 @@ def assert_resume_is_bit_exact(ckpt: Path, data: Path, tmp_path: Path, cfg, sett
     """finetune == finetune, crash at the evaluation of step `crash_at` (after its last checkpoint), resume:
     the resumable `files` (trained tensors, optimizer state) are equal bit for bit."""
     ft.finetune(ckpt, data, tmp_path / "straight", cfg, settings, **QUIET)
-
-    class Crash(Exception):
-        pass
-
-    def crash(step, metrics):
-        if step == crash_at:
-            raise Crash
-
-    with pytest.raises(Crash):
-        ft.finetune(ckpt, data, tmp_path / "resumed", cfg, settings, on_eval=crash, **QUIET)
+    with pytest.raises(crash.Crash):
+        ft.finetune(ckpt, data, tmp_path / "resumed", cfg, settings, on_eval=crash.at(crash_at), **QUIET)
     assert ft.finetune(None, None, tmp_path / "resumed", resume=True, **QUIET)["steps"] == cfg.max_steps
     for name in files:
         a = load_file(str(tmp_path / "straight" / "last" / name))

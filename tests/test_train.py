@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import crash
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -135,15 +136,8 @@ def test_resume_equals_uninterrupted(char_data, tmp_path, windows):
     cfg = tiny(max_steps=12, dropout=0.1, eval_every=3, checkpoint_every=4, **windows)
     train(char_data, tmp_path / "straight", cfg, **QUIET)
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_9(step, metrics):
-        if step == 9:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(char_data, tmp_path / "resumed", cfg, on_eval=crash_at_9, **QUIET)
+    with pytest.raises(crash.Crash):
+        train(char_data, tmp_path / "resumed", cfg, on_eval=crash.at(9), **QUIET)
     state = json.loads((tmp_path / "resumed" / "last" / "trainer_state.json").read_text())
     assert state["progress"]["step"] == 8  # lost one checkpoint interval at most
     summary = train(char_data, tmp_path / "resumed", None, resume=True, **QUIET)
