@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -503,6 +504,23 @@ def test_train_quantized_resume_is_bit_exact(rtn_ckpt, chat_file, tmp_path):
                                tiny_cfg(rtn_ckpt, max_steps=8, checkpoint_every=4, eval_every=3, lr=1e-3),
                                ft.FinetuneConfig(train_quantized=True), 6,
                                (ft.QUANT_STATE_FILE, "optimizer.safetensors"))
+
+
+def test_train_quantized_resume_refuses_a_changed_result(rtn_ckpt, chat_file, tmp_path):
+    """Q quantized again in place (same shapes, other codes) between the crash and the resume."""
+    from safetensors.torch import save_file
+
+    from nima_edge.quantization import QUANT_TENSORS
+    q, out = tmp_path / "q", tmp_path / "run"
+    shutil.copytree(rtn_ckpt, q)
+    ft.finetune(q, chat_file, out, tiny_cfg(q, max_steps=2, eval_every=1), ft.FinetuneConfig(train_quantized=True),
+                **QUIET)
+    tensors = load_file(str(q / QUANT_TENSORS))
+    name = next(k for k in tensors if k.endswith(".codes"))
+    tensors[name] = 15 - tensors[name]
+    save_file(tensors, str(q / QUANT_TENSORS), metadata={"format": "nima-quant"})
+    with pytest.raises(NimaError, match="quantization result in .* changed since this fine-tune started"):
+        ft.finetune(None, None, out, resume=True, overrides={"max_steps": 3}, **QUIET)
 
 
 def test_train_quantized_settings_are_checked(tiny_ckpt, rtn_ckpt, chat_file, tmp_path, cli):

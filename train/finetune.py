@@ -43,7 +43,8 @@ from nima_edge import chat_data, checkpoint
 from nima_edge.config import PRESETS
 from nima_edge.errors import NimaError
 from nima_edge.model import Attention, NimaForCausalLM
-from nima_edge.quantization import describe, load_quant, result_files
+from nima_edge.atomic import sha256_file
+from nima_edge.quantization import QUANT_TENSORS, describe, load_quant, result_files
 from nima_edge.train import checkpointing, qat, recipe
 from nima_edge.train.recipe import TrainConfig
 from nima_edge.train.trainer import Job, PretrainJob, train
@@ -233,6 +234,8 @@ class FinetuneJob(Job):
         self.kind = "chat" if isinstance(self.source, ChatJob) else "text"
         self.info = {"source": str(ckpt.resolve()), "source_sha256": checkpoint.checkpoint_hash(ckpt),
                      "data": str(data.resolve()), "data_kind": self.kind, **ft.to_dict()}
+        if ft.train_quantized:  # the codes and scales training starts from (a resume checks them)
+            self.info["result_sha256"] = sha256_file(ckpt / QUANT_TENSORS)
 
     # data: the source's
     def check(self, cfg: TrainConfig) -> None:
@@ -300,6 +303,10 @@ class FinetuneJob(Job):
             raise NimaError(f"the base checkpoint {self.ckpt} changed since this fine-tune started",
                             "resume with the checkpoint the run started from, or start a new run")
         if self.ft.train_quantized:
+            started = json.loads((last / RUN_FILE).read_text()).get("result_sha256")  # absent in older runs
+            if started and started != self.info["result_sha256"]:
+                raise NimaError(f"the quantization result in {self.ckpt} changed since this fine-tune started",
+                                "resume with the result the run started from, or start a new run")
             return qat.load_trained_state(model, load_safetensors((last / QUANT_STATE_FILE).read_bytes()))
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, load_safetensors((last / ADAPTER_WEIGHTS).read_bytes()))
