@@ -9,8 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import crash
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -195,7 +195,6 @@ def test_finetune_resume_is_bit_exact(tiny_ckpt, chat_file, tmp_path):
 
 
 def _finetuned_weights(run: Path) -> dict:
-    from safetensors.torch import load_file
     return load_file(str(run / "last" / "model.safetensors"))
 
 

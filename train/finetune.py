@@ -40,10 +40,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from nima_edge import chat_data, checkpoint
+from nima_edge.atomic import sha256_file
 from nima_edge.config import PRESETS
 from nima_edge.errors import NimaError
 from nima_edge.model import Attention, NimaForCausalLM
-from nima_edge.atomic import sha256_file
 from nima_edge.quantization import QUANT_TENSORS, describe, load_quant, result_files
 from nima_edge.train import checkpointing, qat, recipe
 from nima_edge.train.recipe import TrainConfig
