@@ -88,3 +88,35 @@ def test_the_pruner_compares_trials_at_equal_time_and_only_at_the_full_context()
     assert [pruning_step(plain, t, 60) for t in (5, 10, 30, 59, 61)] == [0, 1, 3, 5, EVALS_PER_TRIAL]
     short = TrainConfig(preset="nima-1m", context=256, short_context=64, short_fraction=0.75)
     assert [pruning_step(short, t, 60) for t in (10, 44.9, 45, 59, 60)] == [None, None, 4, 5, EVALS_PER_TRIAL]
+
+
+def test_the_search_starts_from_the_base_recipe(char_data, tmp_path):
+    """Trial 0 is the base recipe snapped onto the space: the bundled nima-1m recipe is a point of it as
+    it stands, out-of-range values land on the nearest edge or step, and a search runs that point first."""
+    from nima_edge.train.tune import start_params, suggest
+    bundled = recipe.load("nima-1m")
+    params = start_params(bundled)
+    assert params == {"lr": 0.004, "step_tokens": 1024, "dropout": 0.0, "warmup_steps": 50, "beta2": 0.99,
+                      "short_fraction": 0.9}
+    again = suggest(optuna.trial.FixedTrial(params), bundled, 300, {"nima-1m": 4096})
+    for key in ("lr", "min_lr", "batch_size", "dropout", "warmup_steps", "beta2", "short_fraction", "context"):
+        assert getattr(again, key) == getattr(bundled, key), key
+    odd = TrainConfig(preset="nima-1m", context=256, lr=0.1, batch_size=14, dropout=0.5, warmup_steps=37,
+                      beta2=0.9, short_context=64, short_fraction=0.33)
+    assert start_params(odd, ("nima-5m", "nima-10m")) == {
+        "lr": 3e-2, "step_tokens": 4096, "dropout": 0.2, "warmup_steps": 25, "beta2": 0.95, "short_fraction": 0.5,
+        "preset": "nima-5m"}
+    logged = []
+    figures = tune(char_data, tmp_path / "t.toml", BASE, budget_s=8, trial_s=2, log=logged.append)
+    assert logged[0].startswith("trial 0: ") and str(start_params(BASE)) in logged[0]
+    assert "base_recipe_val_loss" in figures and figures["val_loss"] <= figures["base_recipe_val_loss"]
+
+
+def test_jobs_run_trials_in_processes_of_their_own(char_data, tmp_path):
+    """--jobs 2: two processes draw trials from one study (each its own pid), and the best of all is written."""
+    figures = tune(char_data, tmp_path / "j.toml", BASE, budget_s=16, trial_s=3, log=lambda *_: None, jobs=2,
+                   threads=1)
+    assert figures["jobs"] == 2 and figures["processes"] == 2 and figures["trials"] >= 3
+    assert recipe.measured(tmp_path / "j.toml")["val_loss"] == figures["val_loss"]
+    with pytest.raises(NimaError, match="at least one process"):
+        tune(char_data, tmp_path / "x.toml", BASE, budget_s=6, trial_s=3, jobs=0)

@@ -2,6 +2,11 @@
 warmup, Adam's beta2, (for a recipe with short-then-long windows) the short part of the budget, and
 optionally the model's shape among presets.
 
+The first trial is the base recipe itself (snapped to the search space): few trials fit a long budget, and
+a search of them should not end worse than the recipe it started from (six 5-minute trials from scratch
+found 2.595 bits/char where the hand-found nima-1m recipe reaches 2.446-2.491). `jobs` runs trials in
+that many processes at once, sharing one Optuna journal (an hour-long trial per core, not per machine).
+
 Each trial trains for the same wall-clock slice (the cosine decays over that slice) and reports its
 validation loss at fixed fractions of that slice, so the median pruner compares trials at equal time
 spent, which is what the search optimizes. (Comparing at equal data seen, as this did before, favours
@@ -10,8 +15,11 @@ before its extra tokens show.) The best trial's settings are written as a recipe
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from nima_edge.atomic import write_text
@@ -26,6 +34,12 @@ from nima_edge.train.trainer import train
 # the old row counts (8-64 rows of 256 = 2,048-16,384 tokens) could not reach.
 STEP_TOKENS = (512, 1024, 2048, 4096)
 EVALS_PER_TRIAL = 6  # evaluations per trial, and the pruner's time buckets
+# The rest of the space (suggest() draws from it; start_params() snaps the base recipe onto it).
+LR = (1e-3, 3e-2)  # log scale
+DROPOUT = (0.0, 0.2)
+WARMUP_STEPS = (0, 200, 25)  # low, high, step
+BETA2 = (0.95, 0.99)
+SHORT_FRACTION = (0.5, 0.95, 0.05)
 
 
 def _optuna():
@@ -62,17 +76,36 @@ def suggest(trial, base: TrainConfig, trial_seconds: float, evals_every: dict[st
     `evals_every` maps each preset to the tokens between evaluations (EVALS_PER_TRIAL per trial at its
     measured speed); `presets`, two or more, makes the shape a searched choice too."""
     cfg = for_preset(base, trial.suggest_categorical("preset", list(presets))) if len(presets) > 1 else base
-    lr = trial.suggest_float("lr", 1e-3, 3e-2, log=True)
+    lr = trial.suggest_float("lr", *LR, log=True)
     batch = rows_per_step(trial.suggest_categorical("step_tokens", list(STEP_TOKENS)), cfg.context, cfg.grad_accum)
-    short = {"short_fraction": trial.suggest_float("short_fraction", 0.5, 0.95, step=0.05)} if cfg.short_context else {}
+    short = {"short_fraction": trial.suggest_float("short_fraction", *SHORT_FRACTION[:2], step=SHORT_FRACTION[2])
+             } if cfg.short_context else {}
     return TrainConfig(**{
         **cfg.to_dict(), "lr": lr, "min_lr": lr / 10, "batch_size": batch,
-        "dropout": trial.suggest_float("dropout", 0.0, 0.2),
-        "warmup_steps": trial.suggest_int("warmup_steps", 0, 200, step=25),
-        "beta2": trial.suggest_categorical("beta2", [0.95, 0.99]), **short,
+        "dropout": trial.suggest_float("dropout", *DROPOUT),
+        "warmup_steps": trial.suggest_int("warmup_steps", *WARMUP_STEPS[:2], step=WARMUP_STEPS[2]),
+        "beta2": trial.suggest_categorical("beta2", list(BETA2)), **short,
         "max_seconds": trial_seconds, "max_steps": 10 ** 9, "schedule": "cosine", "schedule_clock": "time",
         "eval_every": max(1, evals_every[cfg.preset] // (batch * cfg.context)), "patience": 0, "mlflow": False,
     }).validate()
+
+
+def start_params(base: TrainConfig, presets: tuple[str, ...] = ()) -> dict:
+    """The base recipe as a point of the search space, each value snapped to the nearest one the space
+    holds: the search's first trial."""
+    def snap(value, low, high, step):
+        return low + round((min(max(value, low), high) - low) / step) * step
+
+    params = {"lr": min(max(base.lr, LR[0]), LR[1]),
+              "step_tokens": min(STEP_TOKENS, key=lambda t: abs(t - base.batch_size * base.context)),
+              "dropout": min(max(base.dropout, DROPOUT[0]), DROPOUT[1]),
+              "warmup_steps": int(snap(base.warmup_steps, *WARMUP_STEPS)),
+              "beta2": min(BETA2, key=lambda b: abs(b - base.beta2))}
+    if base.short_context:
+        params["short_fraction"] = round(snap(base.short_fraction, *SHORT_FRACTION), 2)
+    if len(presets) > 1:
+        params["preset"] = base.preset if base.preset in presets else presets[0]
+    return params
 
 
 def pruning_step(cfg: TrainConfig, elapsed_s: float, trial_s: float) -> int | None:
@@ -85,59 +118,122 @@ def pruning_step(cfg: TrainConfig, elapsed_s: float, trial_s: float) -> int | No
     return min(EVALS_PER_TRIAL, int(elapsed_s / trial_s * EVALS_PER_TRIAL))
 
 
+def _objective(trial, data_dir, base: TrainConfig, trial_s: float, evals_every: dict, presets: tuple) -> float:
+    """Train one trial's settings for `trial_s`; report at equal shares of its time; its best val loss."""
+    optuna = _optuna()
+    cfg = suggest(trial, base, trial_s, evals_every, presets)
+    reported = set()
+
+    def report(step: int, metrics: dict) -> None:
+        bucket = pruning_step(cfg, metrics["elapsed_s"], trial_s)
+        if bucket is None or bucket in reported:
+            return
+        reported.add(bucket)
+        trial.report(metrics["loss"], step=bucket)
+        if bucket < EVALS_PER_TRIAL and trial.should_prune():  # a finished trial keeps its result
+            raise optuna.TrialPruned()
+
+    with tempfile.TemporaryDirectory(prefix="nima-tune-") as tmp:
+        summary = train(data_dir, tmp, cfg, log=lambda *_: None, on_eval=report, progress_bar=False)
+    trial.set_user_attr("steps", summary["steps"])
+    trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("bits_per_char", summary["val"]["bits_per_char"])
+    return summary["best"]["loss"]
+
+
+def _progress(log):
+    def callback(study, trial) -> None:
+        state = _optuna().trial.TrialState
+        value = "pruned" if trial.state == state.PRUNED else f"val loss {trial.value:.4f}"
+        log(f"trial {trial.number}: {value}  {trial.params}")
+    return callback
+
+
+def _storage(journal: Path):
+    optuna = _optuna()
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+
+
+def _search(journal: Path, name: str, seed: int, pruner, deadline: float, threads: int | None, objective,
+            log=print) -> None:
+    """One worker: trials from the shared study until `deadline` (time.monotonic(), system-wide)."""
+    optuna = _optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    study = optuna.load_study(study_name=name, storage=_storage(journal),
+                              sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
+    # Optuna's timeout only stops *starting* trials; the deadline leaves room for the last one to finish.
+    study.optimize(objective, timeout=max(deadline - time.monotonic(), 1e-3), callbacks=[_progress(log)], catch=())
+
+
+def _worker(*args) -> None:
+    _search(*args, log=partial(print, flush=True))
+
+
 def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: float, trial_s: float,
-         seed: int = 0, log=print, pruner=None, presets: tuple[str, ...] = ()) -> dict:
+         seed: int = 0, log=print, pruner=None, presets: tuple[str, ...] = (), jobs: int = 1,
+         threads: int | None = None) -> dict:
     """Search for `budget_s` seconds in trials of `trial_s`; write the best recipe to `out`; return its figures.
 
     `presets` (two or more) adds the model's shape to the search; each trains at its declared context.
     `pruner` defaults to Optuna's median pruner (after two complete trials, stop a trial whose loss is
-    worse than the median of earlier trials at the same fraction of the slice, from the third on)."""
+    worse than the median of earlier trials at the same fraction of the slice, from the third on).
+    `jobs` trials run at once, each in its own process with `threads` torch threads (default: this
+    machine's cores shared out among them)."""
     optuna = _optuna()
     if trial_s <= 0 or budget_s < trial_s:
         raise NimaError(f"a tuning budget of {budget_s:.0f} s does not fit one trial of {trial_s:.0f} s",
                         "give --minutes at least --trial-minutes (several trials make a search)")
+    if jobs < 1:
+        raise NimaError(f"--jobs {jobs}: a search needs at least one process", "use --jobs 1 or more")
+    if jobs > 1 and threads is None:
+        threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     presets = tuple(dict.fromkeys(presets))
     shapes = [for_preset(base, p) for p in presets] if len(presets) > 1 else [base]
     evals_every = {c.preset: max(1, round(_tokens_in(trial_s, data_dir, c) / EVALS_PER_TRIAL)) for c in shapes}
-
-    def objective(trial) -> float:
-        cfg = suggest(trial, base, trial_s, evals_every, presets)
-        reported = set()
-
-        def report(step: int, metrics: dict) -> None:
-            bucket = pruning_step(cfg, metrics["elapsed_s"], trial_s)
-            if bucket is None or bucket in reported:
-                return
-            reported.add(bucket)
-            trial.report(metrics["loss"], step=bucket)
-            if bucket < EVALS_PER_TRIAL and trial.should_prune():  # a finished trial keeps its result
-                raise optuna.TrialPruned()
-
-        with tempfile.TemporaryDirectory(prefix="nima-tune-") as tmp:
-            summary = train(data_dir, tmp, cfg, log=lambda *_: None, on_eval=report, progress_bar=False)
-        trial.set_user_attr("steps", summary["steps"])
-        trial.set_user_attr("bits_per_char", summary["val"]["bits_per_char"])
-        return summary["best"]["loss"]
-
-    def progress(study, trial) -> None:
-        value = "pruned" if trial.state == optuna.trial.TrialState.PRUNED else f"val loss {trial.value:.4f}"
-        log(f"trial {trial.number}: {value}  {trial.params}")
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
-                                # steps are time buckets; the first two (warmup still shaping them) never prune
-                                pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2))
+    objective = partial(_objective, data_dir=data_dir, base=base, trial_s=trial_s, evals_every=evals_every,
+                        presets=presets)
+    # steps are time buckets; the first two (warmup still shaping them) never prune
+    pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
     start = time.monotonic()
-    # Optuna's timeout only stops *starting* trials; leave room for the last one to finish inside the budget.
-    study.optimize(objective, timeout=max(budget_s - trial_s, 1e-3), callbacks=[progress], catch=())
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    deadline = start + max(budget_s - trial_s, 1e-3)
+    with tempfile.TemporaryDirectory(prefix="nima-tune-") as tmp:
+        journal = Path(tmp) / "study.journal"  # every worker's trials, for the sampler and the pruner
+        study = optuna.create_study(study_name="tune", storage=_storage(journal), direction="minimize")
+        study.enqueue_trial(start_params(base, presets), user_attrs={"base_recipe": True})
+        spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+        workers = [spawn.Process(target=_worker, daemon=True,
+                                 args=(journal, "tune", seed + i, pruner, deadline, threads, objective))
+                   for i in range(1, jobs)]
+        try:
+            for w in workers:
+                w.start()
+            _search(journal, "tune", seed, pruner, deadline, threads, objective, log=log)
+            for w in workers:
+                w.join()
+        finally:
+            for w in workers:
+                if w.is_alive():
+                    w.terminate()
+                    w.join()
+        if failed := [w.exitcode for w in workers if w.exitcode]:
+            raise NimaError(f"{len(failed)} tuning worker(s) failed (exit code {failed[0]}); the error is above",
+                            "fix what it names, or run with --jobs 1 to see it in this process")
+        trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise NimaError("no tuning trial completed within the budget", "give --minutes more time")
-    best = study.best_trial
+    best = min(done, key=lambda t: t.value)
     cfg = suggest(optuna.trial.FixedTrial(best.params), base, trial_s, evals_every, presets)
+    base_trial = [t for t in done if t.user_attrs.get("base_recipe")]
     figures = {"val_loss": round(best.value, 4), "val_bits_per_char": round(best.user_attrs["bits_per_char"], 4),
-               "steps": best.user_attrs["steps"], "trial_seconds": trial_s, "trials": len(study.trials),
-               "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
+               "steps": best.user_attrs["steps"], "trial_seconds": trial_s, "trials": len(trials),
+               "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials), "jobs": jobs,
+               "processes": len({t.user_attrs["pid"] for t in done}),
+               "best_is_base_recipe": bool(best.user_attrs.get("base_recipe")),
+               **({"base_recipe_val_loss": round(base_trial[0].value, 4)} if base_trial else {}),
                "search_seconds": round(time.monotonic() - start), "data": str(data_dir),
                **({"presets_searched": list(presets)} if len(presets) > 1 else {})}
     write_text(out, recipe.dumps(cfg, measured=figures, header=(

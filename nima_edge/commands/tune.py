@@ -22,10 +22,15 @@ def register(app: typer.Typer) -> None:
         minutes: float = typer.Option(10.0, help="wall-clock budget of the whole search"),
         trial_minutes: float = typer.Option(1.0, help="training time of each trial"),
         seed: int = typer.Option(0, help="sampler seed"),
-        threads: int = typer.Option(None, help="CPU threads (default: torch's choice)"),
+        jobs: int = typer.Option(1, help="trials at once, each in its own process (e.g. one per core with "
+                                         "--threads 1: an hour-long search slice per core)"),
+        threads: int = typer.Option(None, help="CPU threads per trial (default: torch's choice; with --jobs, "
+                                               "the cores shared out)"),
         force: Force = False,
     ):
-        """Search hyper-parameters with pruning on a wall-clock budget; write the best recipe."""
+        """Search hyper-parameters with pruning on a wall-clock budget; write the best recipe.
+
+        The first trial is the base recipe itself, so the search ends no worse than where it started."""
         import torch
 
         from nima_edge.outputs import check_out
@@ -36,5 +41,6 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         base = build_config(recipe, {"preset": preset} if preset else {})
         figures = run_tune(data, out, base, minutes * 60, trial_minutes * 60, seed=seed, log=Console().print,
-                           presets=tuple(p.strip() for p in presets.split(",") if p.strip()) if presets else ())
+                           presets=tuple(p.strip() for p in presets.split(",") if p.strip()) if presets else (),
+                           jobs=jobs, threads=threads)
         Console().print(f"wrote {out}: val loss {figures['val_loss']} after {figures['trials']} trials")
