@@ -5,7 +5,7 @@ from nima_edge.config import PRESETS
 from nima_edge.train import recipe
 
 
-@pytest.mark.parametrize("name", [n for n in recipe.bundled_recipes() if n in PRESETS])
+@pytest.mark.parametrize("name", recipe.bundled_recipes())
 def test_bundled_recipes_train_every_declared_position(name):
     cfg = recipe.load(name)
     # chat, serve and every export use max_position_embeddings; a shorter window leaves positions untrained
