@@ -121,6 +121,7 @@ def pruning_step(cfg: TrainConfig, elapsed_s: float, trial_s: float) -> int | No
 def _objective(trial, data_dir, base: TrainConfig, trial_s: float, evals_every: dict, presets: tuple) -> float:
     """Train one trial's settings for `trial_s`; report at equal shares of its time; its best val loss."""
     optuna = _optuna()
+    trial.set_user_attr("pid", os.getpid())  # which worker ran it (pruned or not)
     cfg = suggest(trial, base, trial_s, evals_every, presets)
     reported = set()
 
@@ -136,7 +137,6 @@ def _objective(trial, data_dir, base: TrainConfig, trial_s: float, evals_every: 
     with tempfile.TemporaryDirectory(prefix="nima-tune-") as tmp:
         summary = train(data_dir, tmp, cfg, log=lambda *_: None, on_eval=report, progress_bar=False)
     trial.set_user_attr("steps", summary["steps"])
-    trial.set_user_attr("pid", os.getpid())
     trial.set_user_attr("bits_per_char", summary["val"]["bits_per_char"])
     return summary["best"]["loss"]
 
@@ -231,7 +231,7 @@ def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: flo
     figures = {"val_loss": round(best.value, 4), "val_bits_per_char": round(best.user_attrs["bits_per_char"], 4),
                "steps": best.user_attrs["steps"], "trial_seconds": trial_s, "trials": len(trials),
                "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials), "jobs": jobs,
-               "processes": len({t.user_attrs["pid"] for t in done}),
+               "processes": len({t.user_attrs["pid"] for t in trials if "pid" in t.user_attrs}),
                "best_is_base_recipe": bool(best.user_attrs.get("base_recipe")),
                **({"base_recipe_val_loss": round(base_trial[0].value, 4)} if base_trial else {}),
                "search_seconds": round(time.monotonic() - start), "data": str(data_dir),
