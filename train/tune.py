@@ -154,21 +154,25 @@ def _storage(journal: Path):
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
 
 
-def _search(journal: Path, name: str, seed: int, pruner, deadline: float, threads: int | None, objective,
-            log=print) -> None:
-    """One worker: trials from the shared study until `deadline` (time.monotonic(), system-wide)."""
-    optuna = _optuna()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+def _set_threads(threads: int | None) -> None:
     if threads:
         import torch
         torch.set_num_threads(threads)
+
+
+def _search(journal: Path, name: str, seed: int, pruner, deadline: float, objective, log=print) -> None:
+    """One worker: trials from the shared study until `deadline` (time.monotonic(), system-wide)."""
+    optuna = _optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=_storage(journal),
                               sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
     # Optuna's timeout only stops *starting* trials; the deadline leaves room for the last one to finish.
     study.optimize(objective, timeout=max(deadline - time.monotonic(), 1e-3), callbacks=[_progress(log)], catch=())
 
 
-def _worker(*args) -> None:
+def _worker(threads: int | None, *args) -> None:
+    """A spawned worker process: its own thread count, then trials."""
+    _set_threads(threads)
     _search(*args, log=partial(print, flush=True))
 
 
@@ -190,6 +194,7 @@ def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: flo
         raise NimaError(f"--jobs {jobs}: a search needs at least one process", "use --jobs 1 or more")
     if jobs > 1 and threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    _set_threads(threads)  # before the speed probe too: it sizes evaluations for trials at this thread count
     presets = tuple(dict.fromkeys(presets))
     shapes = [for_preset(base, p) for p in presets] if len(presets) > 1 else [base]
     evals_every = {c.preset: max(1, round(_tokens_in(trial_s, data_dir, c) / EVALS_PER_TRIAL)) for c in shapes}
@@ -205,12 +210,12 @@ def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: flo
         study.enqueue_trial(start_params(base, presets), user_attrs={"base_recipe": True})
         spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
         workers = [spawn.Process(target=_worker, daemon=True,
-                                 args=(journal, "tune", seed + i, pruner, deadline, threads, objective))
+                                 args=(threads, journal, "tune", seed + i, pruner, deadline, objective))
                    for i in range(1, jobs)]
         try:
             for w in workers:
                 w.start()
-            _search(journal, "tune", seed, pruner, deadline, threads, objective, log=log)
+            _search(journal, "tune", seed, pruner, deadline, objective, log=log)
             for w in workers:
                 w.join()
         finally:

@@ -31,14 +31,10 @@ def register(app: typer.Typer) -> None:
         """Search hyper-parameters with pruning on a wall-clock budget; write the best recipe.
 
         The first trial is the base recipe itself, so the search ends no worse than where it started."""
-        import torch
-
         from nima_edge.outputs import check_out
         check_out(out, "recipe", [data], force=force)
         from nima_edge.train.recipe import build_config
         from nima_edge.train.tune import tune as run_tune
-        if threads:
-            torch.set_num_threads(threads)
         base = build_config(recipe, {"preset": preset} if preset else {})
         figures = run_tune(data, out, base, minutes * 60, trial_minutes * 60, seed=seed, log=Console().print,
                            presets=tuple(p.strip() for p in presets.split(",") if p.strip()) if presets else (),
