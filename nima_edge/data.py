@@ -181,7 +181,7 @@ class TokenData:
         if tok.hf.get_vocab(with_added_tokens=True) != self.tokenizer.hf.get_vocab(with_added_tokens=True):
             raise NimaError(f"{self.dir} was tokenized with a different tokenizer ({self.meta.get('tokenizer')}, "
                             f"{self.tokenizer.vocab_size} tokens) than {owner} ({tok.kind}, {tok.vocab_size} tokens)",
-                            f"prepare the data with the model's tokenizer, or pass the --data it was trained on")
+                            "prepare the data with the model's tokenizer, or pass the --data it was trained on")
 
     def tokens(self, split_name: str) -> np.ndarray:
         path = self.dir / f"{split_name}.bin"
