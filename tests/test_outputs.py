@@ -112,6 +112,10 @@ def test_cli_export_quantize_and_train_refuse_outs_that_would_destroy_data(cli, 
     one_line_error(run("train", "--data", tmp_path / "d", "--out", user_folder, "--steps", 1), "--force")
     one_line_error(run("bench", small_ckpt, "--out", user_folder), "--force")
     one_line_error(run("tune", "--data", tmp_path / "d", "--out", user_folder / "chapter1.tex"), "--force")
+    # tune keeps its best model beside the recipe (x.toml -> x/): never over a run tune did not write
+    one_line_error(run("tune", "--data", tmp_path / "d", "--out", small_ckpt.with_name(small_ckpt.name + ".toml")),
+                   "tune did not write", "--force")
+    assert not small_ckpt.with_name(small_ckpt.name + ".toml").exists() and (small_ckpt / "nima.json").is_file()
     one_line_error(run("quickstart", "--out", user_folder), "--force")
     assert (user_folder / "chapter1.tex").read_text() == "months of work"
     assert sorted(p.name for p in user_folder.iterdir()) == ["chapter1.tex"]

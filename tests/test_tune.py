@@ -22,7 +22,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_tune_writes_the_best_recipe(char_data, tmp_path):
+def test_tune_writes_the_best_recipe_and_keeps_the_best_model(char_data, tmp_path):
     out = tmp_path / "best.toml"
     figures = tune(char_data, out, BASE, budget_s=12, trial_s=3, log=lambda *_: None)
     cfg = recipe.load(out)
@@ -30,6 +30,20 @@ def test_tune_writes_the_best_recipe(char_data, tmp_path):
     assert measured["trials"] >= 2 and measured["val_loss"] == figures["val_loss"]
     assert 1e-3 <= cfg.lr <= 3e-2 and cfg.batch_size in batch_sizes(BASE) and 0 <= cfg.dropout <= 0.2
     assert cfg.max_seconds == 3 and cfg.schedule_clock == "time" and cfg.preset == "nima-0.5m"
+    # The best trial's trained model is kept beside the recipe, and scored on the whole validation split
+    # (the trials compared on BASE.eval_windows windows of it).
+    from nima_edge.checkpoint import load
+    from nima_edge.data import TokenData
+    from nima_edge.evaluate import evaluate
+    from nima_edge.train.tune import tune_record
+    model_dir = tmp_path / "best"
+    assert figures["model"] == str(model_dir) and tune_record(model_dir)["trial"] == figures["best_trial"]
+    assert tune_record(model_dir)["val_loss"] == pytest.approx(figures["val_loss"], abs=1e-4)
+    model, _ = load(model_dir)
+    whole = evaluate(model, TokenData(char_data), context=BASE.context)
+    assert whole["tokens"] > evaluate(model, TokenData(char_data), context=BASE.context, max_windows=2)["tokens"]
+    assert figures["val_bits_per_char"] == round(whole["bits_per_char"], 4) and figures["val_windows"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "best.toml"]  # no lock or staging left
 
 
 def test_pruned_trials_do_not_count(char_data, tmp_path):
@@ -83,11 +97,15 @@ def test_the_shape_is_searched_among_presets_each_at_its_declared_context(char_d
 
 def test_the_pruner_compares_trials_at_equal_time_and_only_at_the_full_context():
     """Steps are shares of the trial's time; a trial still on short windows (validation at 256 positions
-    of a model trained on 64) reports nothing, or the ones with the most short windows would be pruned."""
+    of a model trained on 64), or less than a bucket past them, reports nothing, or the ones with the most
+    short windows would be pruned."""
     plain = TrainConfig(preset="nima-1m", context=256)
     assert [pruning_step(plain, t, 60) for t in (5, 10, 30, 59, 61)] == [0, 1, 3, 5, EVALS_PER_TRIAL]
     short = TrainConfig(preset="nima-1m", context=256, short_context=64, short_fraction=0.75)
-    assert [pruning_step(short, t, 60) for t in (10, 44.9, 45, 59, 60)] == [None, None, 4, 5, EVALS_PER_TRIAL]
+    assert [pruning_step(short, t, 60) for t in (10, 45, 54.9, 55, 59, 60)] == [None, None, None, 5, 5,
+                                                                               EVALS_PER_TRIAL]
+    late = TrainConfig(preset="nima-1m", context=256, short_context=64, short_fraction=0.9)
+    assert [pruning_step(late, t, 3600) for t in (3300, 3599)] == [None, None]  # only its finished value counts
 
 
 def test_the_search_starts_from_the_base_recipe(char_data, tmp_path):
@@ -118,6 +136,27 @@ def test_jobs_run_trials_in_processes_of_their_own(char_data, tmp_path):
     figures = tune(char_data, tmp_path / "j.toml", BASE, budget_s=20, trial_s=3, log=lambda *_: None, jobs=2,
                    threads=1)
     assert figures["jobs"] == 2 and figures["processes"] == 2 and figures["trials"] >= 3
+    from nima_edge.train.tune import tune_record
+    assert tune_record(tmp_path / "j")["trial"] == figures["best_trial"]  # workers kept the best, not the last
     assert recipe.measured(tmp_path / "j.toml")["val_loss"] == figures["val_loss"]
     with pytest.raises(NimaError, match="at least one process"):
         tune(char_data, tmp_path / "x.toml", BASE, budget_s=6, trial_s=3, jobs=0)
+
+
+def test_each_finished_trial_replaces_the_kept_model_only_if_it_is_better(tmp_path):
+    """What an interrupted search leaves: the best finished trial so far; a new search replaces the last one's."""
+    from nima_edge.train.tune import _keep_if_best, tune_record
+    kept = tmp_path / "tuned"
+
+    def finish(search, trial, loss):
+        run = tmp_path / f"run-{search}-{trial}"
+        run.mkdir()
+        (run / "weights").write_text(f"trial {trial}")
+        _keep_if_best(run, kept, search, trial, loss)
+        return (kept / "weights").read_text(), tune_record(kept)["trial"]
+
+    assert finish("a", 0, 2.0) == ("trial 0", 0)
+    assert finish("a", 1, 2.5) == ("trial 0", 0)  # worse: the better model stays
+    assert finish("a", 2, 1.5) == ("trial 2", 2)
+    assert finish("b", 0, 3.0) == ("trial 0", 0)  # a new search starts over
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("run-")) == [".tuned.lock", "tuned"]
