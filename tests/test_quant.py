@@ -225,7 +225,7 @@ def test_cli_quantize_then_eval(tiny_ckpt, char_data, tmp_path):
     out = cli("quantize", tiny_ckpt, "--out", tmp_path / "q", "--bits", 8, "--group", 32, "--method", "rtn")
     assert out.returncode == 0, out.stderr
     assert "4-bit" not in out.stdout and "8-bit rtn, group 32" in out.stdout
-    out = cli("eval", tmp_path / "q", "--data", char_data)
+    out = cli("eval", tmp_path / "q", "--data", char_data, "--lines", 5)  # BLEU is test_evaluate.py's
     assert out.returncode == 0, out.stderr
     assert "fake-quant model (8-bit rtn, group 32, symmetric)" in out.stdout and "perplexity" in out.stdout
     out = cli("quantize", tiny_ckpt, "--out", tmp_path / "q2", "--group", 100, "--method", "rtn")
