@@ -67,11 +67,16 @@ def tune_record(model_dir: str | Path) -> dict | None:
         return None
 
 
+def _lock_for(model_dir: Path) -> Path:
+    """The lock file beside the kept model that serializes the workers' compare-and-swap."""
+    return model_dir.with_name(f".{model_dir.name}.lock")
+
+
 def _keep_if_best(run_dir: Path, model_dir: Path, search: str, trial: int, loss: float) -> None:
     """Copy a finished trial's run into `model_dir` if it beats what this search put there. Workers finish
     trials concurrently, so the compare-and-swap holds a lock file beside the directory."""
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(model_dir.with_name(f".{model_dir.name}.lock"), "a") as lock:
+    with open(_lock_for(model_dir), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         held = tune_record(model_dir)
         if held and held.get("search") == search and held["val_loss"] <= loss:
@@ -269,11 +274,11 @@ def tune(data_dir: str | Path, out: str | Path, base: TrainConfig, budget_s: flo
                 if w.is_alive():
                     w.terminate()
                     w.join()
+            _lock_for(model_dir).unlink(missing_ok=True)  # no worker left to take it, failed or not
         if failed := [w.exitcode for w in workers if w.exitcode]:
             raise NimaError(f"{len(failed)} tuning worker(s) failed (exit code {failed[0]}); the error is above",
                             "fix what it names, or run with --jobs 1 to see it in this process")
         trials = study.get_trials(deepcopy=False)
-    model_dir.with_name(f".{model_dir.name}.lock").unlink(missing_ok=True)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise NimaError("no tuning trial completed within the budget", "give --minutes more time")
