@@ -13,7 +13,7 @@ for the same time on the same machine and text:
   batch, optimizer, warmup and time-clock cosine).
 
     python benchmarks/experiments/train_shakespeare.py --minutes 5 [--recipe nima-1m] [--threads 1] \
-        [--parallel] [--json out.json] [--record recipe.toml]
+        [--parallel] [--json out.json] [--record recipe.toml] [--keep runs/ours]
 
 All three see the same 90/10 split (nima-edge's: the cut falls at the line start before 90% of the
 cleaned text; nanoGPT's bins are written from that same train and validation text with its own
@@ -303,7 +303,10 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", action="store_true", help="run the models side by side, one process each")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--record", type=Path, help="write the recipe with these figures under [measured] to this file")
+    ap.add_argument("--keep", type=Path, help="copy our model's run directory (checkpoint, curves) here")
     args = ap.parse_args(argv)
+    if args.keep and args.keep.exists():  # checked now, not after an hour of training
+        ap.error(f"--keep {args.keep} exists; name a new directory")
     seconds = args.minutes * 60
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     results = {"budget_seconds": seconds, "threads": args.threads, "cpus": os.cpu_count(), "parallel": args.parallel,
@@ -334,6 +337,8 @@ def main(argv=None) -> int:
                 console.print(f"[bold]{k}[/] for {seconds:.0f} s")
                 results[k] = _job(*a)
                 results[f"load_after_{k}"] = os.getloadavg()
+        if args.keep and (Path(tmp) / "run").is_dir():  # the run lives in the temporary directory
+            shutil.copytree(Path(tmp) / "run", args.keep, dirs_exist_ok=False)
     results["load_after"] = os.getloadavg()
     for key in ("ours", "gpt2_style", "nanogpt"):
         if key in results:
