@@ -465,9 +465,12 @@ def test_train_quantized_writes_a_quantized_checkpoint(trained_run, rtn_ckpt):
 def test_trained_scales_move_towards_the_float_model(rtn_ckpt, chat_file, tmp_path):
     """The KL to the float model on held-out conversations, which training lowers. With the codes fixed this
     shows within 8 steps; trained codes first lose ground (the scales' gradient is zero while the latent
-    weights sit on the grid) and win over hundreds of steps (docs/quantization.md)."""
+    weights sit on the grid) and win over hundreds of steps (docs/quantization.md).
+    The rate is small because Adam's first steps move every scale by about lr whatever its size: this
+    model's scales are ~1e-2 and its RTN result starts at a KL of ~2e-3, so a constant 1e-4 overshot on an
+    AVX-512 VM (ratio 1.08; 0.84 on the AVX2 one it was written on). At 3e-5 decaying to 3e-6: 0.44."""
     out = tmp_path / "scales"
-    ft.finetune(rtn_ckpt, chat_file, out, tiny_cfg(rtn_ckpt, max_steps=8, eval_every=4, lr=1e-4),
+    ft.finetune(rtn_ckpt, chat_file, out, tiny_cfg(rtn_ckpt, max_steps=8, eval_every=4, lr=3e-5, min_lr=3e-6),
                 ft.FinetuneConfig(train_quantized=True, fixed_codes=True), **QUIET)
     job = ft.FinetuneJob(rtn_ckpt, chat_file, tmp_path / "o", ft.FinetuneConfig(train_quantized=True).validate(),
                          seed=0)
@@ -481,7 +484,7 @@ def test_trained_scales_move_towards_the_float_model(rtn_ckpt, chat_file, tmp_pa
         def kl(ckpt):
             p_s = checkpoint.fake_quant_model(ckpt)[0](x).log_softmax(-1)[keep]
             return (p_t.exp() * (p_t - p_s)).sum(-1).mean().item()
-        assert kl(out) < 0.95 * kl(rtn_ckpt)  # 0.84 when written
+        assert kl(out) < 0.95 * kl(rtn_ckpt)
 
 
 def test_trained_result_packs_losslessly_into_gguf(trained_run, tmp_path):
