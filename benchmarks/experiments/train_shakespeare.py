@@ -305,10 +305,10 @@ def main(argv=None) -> int:
     ap.add_argument("--record", type=Path, help="write the recipe with these figures under [measured] to this file")
     ap.add_argument("--keep", type=Path, help="copy our model's run directory (checkpoint, curves) here")
     args = ap.parse_args(argv)
-    if args.keep and args.keep.exists():  # checked now, not after an hour of training
-        ap.error(f"--keep {args.keep} exists; name a new directory")
     seconds = args.minutes * 60
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    if args.keep and (args.keep.exists() or "ours" not in kinds):  # checked now, not after an hour of training
+        ap.error(f"--keep {args.keep}: needs a new directory and 'ours' among --models")
     results = {"budget_seconds": seconds, "threads": args.threads, "cpus": os.cpu_count(), "parallel": args.parallel,
                "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="nima-bench-") as tmp:
